@@ -1,0 +1,3 @@
+from aiqueue.cli.app import main
+
+main()
