@@ -63,7 +63,7 @@ def format_duration(delta: timedelta) -> str:
     hours, rest = divmod(total, 3600)
     minutes, seconds = divmod(rest, 60)
     if hours:
-        return f"{hours}h{minutes:02d}m"
+        return f"{hours}h{minutes:02d}m" if minutes else f"{hours}h"
     if minutes:
-        return f"{minutes}m{seconds:02d}s"
+        return f"{minutes}m{seconds:02d}s" if seconds else f"{minutes}m"
     return f"{seconds}s"

@@ -146,13 +146,17 @@ class GrantResult:
 class QueueStatus:
     limit: int
     running: list[Job]  # jobs holding a slot (starting or running), by slot
-    queued: list[Job]  # FIFO order, positions 1..n
+    queued: list[Job]  # FIFO order, positions 1..n (the first `limit` of them when cut)
+    queued_total: int
+    paused: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "limit": self.limit,
+            "paused": self.paused,
             "running": [j.to_dict() for j in self.running],
             "queued": [j.to_dict() for j in self.queued],
+            "queued_total": self.queued_total,
         }
 
 

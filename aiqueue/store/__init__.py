@@ -1,0 +1,440 @@
+"""The only place that talks SQL: a Store (engine, schema, transactions) and Tx (the queries)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import and_, func, insert, inspect, literal, select, update
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.exc import IntegrityError
+
+from aiqueue.domain import HOLDS_SLOT, Job, JobEvent, LedgerEntry, LedgerKind, Status
+from aiqueue.errors import ActiveJobError, ConflictError
+from aiqueue.store import engine as _engine
+from aiqueue.store.tables import SCHEMA_VERSION, accounts, events, jobs, ledger, metadata, queue_state
+
+T = TypeVar("T")
+
+
+class Store:
+    def __init__(self, url: str, *, busy_timeout: float = 30.0) -> None:
+        self.url = url
+        self.engine = _engine.make_engine(url, busy_timeout=busy_timeout)
+        self.dialect = self.engine.dialect.name
+
+    def run(self, fn: Callable[[Tx], T], *, write: bool = True) -> T:
+        """Run fn(tx) in one transaction (retried whole on a PostgreSQL deadlock)."""
+        return _engine.run(self.engine, lambda conn: fn(Tx(conn, self.dialect)), write=write)
+
+    def read(self, fn: Callable[[Tx], T]) -> T:
+        return self.run(fn, write=False)
+
+    def stream(self, fn: Callable[[Tx], Iterable[T]]) -> Iterator[T]:
+        """Yield rows from one read transaction without holding them all in memory."""
+        with _engine.transaction(self.engine, write=False) as conn:
+            yield from fn(Tx(conn, self.dialect))
+
+    def init_schema(self) -> bool:
+        """Create what is missing; True when the schema was created now. Idempotent."""
+
+        def create(tx: Tx) -> bool:
+            existed = inspect(tx.conn).has_table(queue_state.name)
+            metadata.create_all(tx.conn, checkfirst=True)
+            if not existed:
+                tx.conn.execute(
+                    insert(queue_state).values(id=1, paused=False, schema_version=SCHEMA_VERSION)
+                )
+            return not existed
+
+        created = self.run(create)
+        if self.dialect == "postgresql":
+            # A never-analysed table can keep a sequential-scan plan in prepared statements.
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("COMMIT")
+                for table in (jobs, events, accounts, ledger, queue_state):
+                    conn.exec_driver_sql(f"ANALYZE {table.name}")
+        return created
+
+    def drop_schema(self) -> None:
+        with _engine.transaction(self.engine, write=True) as conn:
+            metadata.drop_all(conn)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+class Tx:
+    """Queries over one open transaction. Every state change is a guarded update."""
+
+    def __init__(self, conn: Connection, dialect: str) -> None:
+        self.conn = conn
+        self.dialect = dialect
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    def insert_job(
+        self, user: str, tool: str, cost: int, inputs: dict[str, str], now: datetime
+    ) -> Job:
+        values = {
+            "user_id": user,
+            "tool": tool,
+            "status": Status.QUEUED.value,
+            "cost": cost,
+            "inputs": json.dumps(inputs, ensure_ascii=False),
+            "outputs": "[]",
+            "created_at": now,
+            "updated_at": now,
+        }
+        try:
+            with self.conn.begin_nested():
+                row = self.conn.execute(insert(jobs).values(values).returning(*jobs.c)).one()
+        except IntegrityError as exc:
+            if _is(exc, "ux_aiqueue_jobs_active_user", "aiqueue_jobs.user_id"):
+                active = self.active_job_of(user)
+                what = f" (job {active.id}, {active.status})" if active else ""
+                raise ActiveJobError(
+                    f"user {user!r} already has an active job{what}",
+                    user=user,
+                    job_id=None if active is None else active.id,
+                ) from exc
+            raise
+        return _job(row)
+
+    def get_job(self, job_id: int, *, for_update: bool = False) -> Job | None:
+        query = select(jobs).where(jobs.c.id == job_id)
+        if for_update and self.dialect == "postgresql":
+            query = query.with_for_update()
+        row = self.conn.execute(query).one_or_none()
+        if row is None:
+            return None
+        job = _job(row)
+        if job.status is Status.QUEUED:
+            job = _with_position(job, self.position(job.id))
+        return job
+
+    def get_job_by_task(self, task_id: str) -> Job | None:
+        row = self.conn.execute(select(jobs).where(jobs.c.provider_task_id == task_id)).one_or_none()
+        return None if row is None else _job(row)
+
+    def active_job_of(self, user: str) -> Job | None:
+        row = self.conn.execute(
+            select(jobs).where(jobs.c.user_id == user, jobs.c.status.in_(["queued", "starting", "running"]))
+        ).one_or_none()
+        return None if row is None else _job(row)
+
+    def position(self, job_id: int) -> int:
+        return int(
+            self.conn.execute(
+                select(func.count()).select_from(jobs).where(jobs.c.status == "queued", jobs.c.id <= job_id)
+            ).scalar_one()
+        )
+
+    def transition(
+        self,
+        job_id: int,
+        sources: Sequence[Status],
+        target: Status,
+        now: datetime,
+        **values: Any,
+    ) -> Job | None:
+        """Move the job to `target` only if it is in one of `sources`. None when it was not."""
+        if "outputs" in values:
+            values["outputs"] = json.dumps(values["outputs"])
+        if target not in HOLDS_SLOT:
+            values.setdefault("slot", None)
+        row = self.conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.status.in_([s.value for s in sources]))
+            .values(status=target.value, updated_at=now, **values)
+            .returning(*jobs.c)
+        ).one_or_none()
+        return None if row is None else _job(row)
+
+    def set_job_fields(self, job_id: int, status: Status, now: datetime, **values: Any) -> bool:
+        """Change fields other than the status, still guarded by the expected status."""
+        result = self.conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.status == status.value)
+            .values(updated_at=now, **values)
+        )
+        return result.rowcount == 1
+
+    # --- slots and the FIFO ---------------------------------------------------------------
+
+    def lock_gate(self) -> bool:
+        """Serialise claims (PostgreSQL: lock the one state row; SQLite's BEGIN IMMEDIATE already
+        did). Returns whether the queue is paused."""
+        query = select(queue_state.c.paused).where(queue_state.c.id == 1)
+        if self.dialect == "postgresql":
+            query = query.with_for_update()
+        paused = self.conn.execute(query).scalar_one_or_none()
+        if paused is None:
+            raise ConflictError("queue state row is missing: run `aiqueue db init`")
+        return bool(paused)
+
+    def is_paused(self) -> bool:
+        return bool(self.conn.execute(select(queue_state.c.paused).where(queue_state.c.id == 1)).scalar_one_or_none())
+
+    def used_slots(self) -> list[int]:
+        return list(self.conn.execute(select(jobs.c.slot).where(jobs.c.slot.is_not(None))).scalars())
+
+    def oldest_queued(self) -> Job | None:
+        query = select(jobs).where(jobs.c.status == "queued").order_by(jobs.c.id).limit(1)
+        if self.dialect == "postgresql":
+            # NO KEY UPDATE: do not skip a row only because a foreign-key check share-locks it.
+            query = query.with_for_update(skip_locked=True, key_share=True)
+        row = self.conn.execute(query).one_or_none()
+        return None if row is None else _job(row)
+
+    def holding_slots(self) -> list[Job]:
+        rows = self.conn.execute(select(jobs).where(jobs.c.slot.is_not(None)).order_by(jobs.c.slot))
+        return [_job(r) for r in rows]
+
+    def queued(self, limit: int | None = None) -> list[Job]:
+        query = select(jobs).where(jobs.c.status == "queued").order_by(jobs.c.id)
+        if limit is not None:
+            query = query.limit(limit)
+        return [_with_position(_job(r), i) for i, r in enumerate(self.conn.execute(query), start=1)]
+
+    def count_queued(self) -> int:
+        return int(
+            self.conn.execute(select(func.count()).select_from(jobs).where(jobs.c.status == "queued")).scalar_one()
+        )
+
+    def stale(self, cutoff: datetime) -> list[Job]:
+        rows = self.conn.execute(
+            select(jobs).where(jobs.c.slot.is_not(None), jobs.c.started_at < cutoff).order_by(jobs.c.id)
+        )
+        return [_job(r) for r in rows]
+
+    # --- events ---------------------------------------------------------------------------
+
+    def add_event(
+        self, job_id: int, source: Status | None, target: Status, now: datetime, detail: str | None
+    ) -> None:
+        self.conn.execute(
+            insert(events).values(
+                job_id=job_id,
+                from_status=None if source is None else source.value,
+                to_status=target.value,
+                at=now,
+                detail=detail,
+            )
+        )
+
+    def events_of(self, job_id: int) -> list[JobEvent]:
+        rows = self.conn.execute(select(events).where(events.c.job_id == job_id).order_by(events.c.id))
+        return [
+            JobEvent(
+                id=r.id,
+                job_id=r.job_id,
+                from_status=None if r.from_status is None else Status(r.from_status),
+                to_status=Status(r.to_status),
+                at=r.at,
+                detail=r.detail,
+            )
+            for r in rows
+        ]
+
+    # --- credits --------------------------------------------------------------------------
+
+    def balance(self, user: str) -> int:
+        value = self.conn.execute(
+            select(accounts.c.balance).where(accounts.c.user_id == user)
+        ).scalar_one_or_none()
+        return int(value or 0)
+
+    def debit(self, user: str, amount: int, now: datetime) -> bool:
+        """Take `amount` only if the balance covers it (a conditional update: no overdraft race)."""
+        result = self.conn.execute(
+            update(accounts)
+            .where(accounts.c.user_id == user, accounts.c.balance >= amount)
+            .values(balance=accounts.c.balance - amount, updated_at=now)
+        )
+        return result.rowcount == 1
+
+    def credit(self, user: str, amount: int, now: datetime) -> int:
+        result = self.conn.execute(
+            update(accounts)
+            .where(accounts.c.user_id == user)
+            .values(balance=accounts.c.balance + amount, updated_at=now)
+            .returning(accounts.c.balance)
+        ).scalar_one_or_none()
+        if result is not None:
+            return int(result)
+        self.conn.execute(insert(accounts).values(user_id=user, balance=amount, updated_at=now))
+        return amount
+
+    def set_balance(self, user: str, balance: int, now: datetime) -> None:
+        result = self.conn.execute(
+            update(accounts).where(accounts.c.user_id == user).values(balance=balance, updated_at=now)
+        )
+        if result.rowcount == 0:
+            self.conn.execute(insert(accounts).values(user_id=user, balance=balance, updated_at=now))
+
+    def reset_balance_to_ledger(self, user: str, now: datetime) -> bool:
+        """Set the cached balance to the ledger's sum (locking the account row first, so that a
+        concurrent charge either lands before the sum is read or waits for us)."""
+        lock = select(accounts.c.balance).where(accounts.c.user_id == user)
+        if self.dialect == "postgresql":
+            lock = lock.with_for_update()
+        current = self.conn.execute(lock).scalar_one_or_none()
+        total = int(
+            self.conn.execute(
+                select(func.coalesce(func.sum(ledger.c.amount), 0)).where(ledger.c.user_id == user)
+            ).scalar_one()
+        )
+        if total < 0 or current == total:
+            return False
+        self.set_balance(user, total, now)
+        return True
+
+    def add_ledger(
+        self,
+        user: str,
+        job_id: int | None,
+        kind: LedgerKind,
+        amount: int,
+        now: datetime,
+        note: str | None = None,
+    ) -> LedgerEntry | None:
+        """Append an entry; None when the job already has an entry of that kind (the unique
+        index decides, so a second charge or refund is impossible)."""
+        try:
+            with self.conn.begin_nested():
+                row = self.conn.execute(
+                    insert(ledger)
+                    .values(user_id=user, job_id=job_id, kind=kind.value, amount=amount, created_at=now, note=note)
+                    .returning(*ledger.c)
+                ).one()
+        except IntegrityError as exc:
+            if _is(exc, "ux_aiqueue_ledger_job_kind", "aiqueue_ledger.job_id"):
+                return None
+            raise
+        return _entry(row)
+
+    def ledger_entries(
+        self, user: str | None = None, job_id: int | None = None, limit: int | None = None
+    ) -> list[LedgerEntry]:
+        query = select(ledger).order_by(ledger.c.id)
+        if user is not None:
+            query = query.where(ledger.c.user_id == user)
+        if job_id is not None:
+            query = query.where(ledger.c.job_id == job_id)
+        if limit is not None:
+            query = query.limit(limit)
+        return [_entry(r) for r in self.conn.execute(query)]
+
+    # --- the audit (each query streams; joins run in the database) -----------------------
+
+    def jobs_missing_refund(self) -> Iterator[Row[Any]]:
+        refund = ledger.alias("refund")
+        query = (
+            select(jobs.c.id, jobs.c.user_id, jobs.c.status, jobs.c.cost)
+            .select_from(
+                jobs.outerjoin(refund, and_(refund.c.job_id == jobs.c.id, refund.c.kind == "refund"))
+            )
+            .where(jobs.c.status.in_(["failed", "cancelled"]), refund.c.id.is_(None))
+            .order_by(jobs.c.id)
+        )
+        yield from self._stream(query)
+
+    def refunds_on_unrefundable(self) -> Iterator[Row[Any]]:
+        query = (
+            select(jobs.c.id, jobs.c.user_id, jobs.c.status, ledger.c.amount)
+            .select_from(jobs.join(ledger, and_(ledger.c.job_id == jobs.c.id, ledger.c.kind == "refund")))
+            .where(jobs.c.status.not_in(["failed", "cancelled"]))
+            .order_by(jobs.c.id)
+        )
+        yield from self._stream(query)
+
+    def jobs_missing_charge(self) -> Iterator[Row[Any]]:
+        charge = ledger.alias("charge")
+        query = (
+            select(jobs.c.id, jobs.c.user_id, jobs.c.status, jobs.c.cost)
+            .select_from(
+                jobs.outerjoin(charge, and_(charge.c.job_id == jobs.c.id, charge.c.kind == "charge"))
+            )
+            .where(charge.c.id.is_(None))
+            .order_by(jobs.c.id)
+        )
+        yield from self._stream(query)
+
+    def wrong_amounts(self) -> Iterator[Row[Any]]:
+        """Charges that are not -cost, refunds that are not +cost, entries under another user."""
+        query = (
+            select(jobs.c.id, jobs.c.user_id, jobs.c.cost, ledger.c.kind, ledger.c.amount, ledger.c.user_id.label("entry_user"))
+            .select_from(jobs.join(ledger, ledger.c.job_id == jobs.c.id))
+            .where(
+                (ledger.c.user_id != jobs.c.user_id)
+                | and_(ledger.c.kind == "charge", ledger.c.amount != -jobs.c.cost)
+                | and_(ledger.c.kind == "refund", ledger.c.amount != jobs.c.cost)
+            )
+            .order_by(jobs.c.id)
+        )
+        yield from self._stream(query)
+
+    def balance_mismatches(self) -> Iterator[Row[Any]]:
+        sums = (
+            select(ledger.c.user_id, func.sum(ledger.c.amount).label("total"))
+            .group_by(ledger.c.user_id)
+            .subquery()
+        )
+        left = (
+            select(accounts.c.user_id, accounts.c.balance, func.coalesce(sums.c.total, 0).label("total"))
+            .select_from(accounts.outerjoin(sums, sums.c.user_id == accounts.c.user_id))
+            .where(accounts.c.balance != func.coalesce(sums.c.total, 0))
+        )
+        orphans = (
+            select(sums.c.user_id, literal(0).label("balance"), sums.c.total)
+            .select_from(sums.outerjoin(accounts, accounts.c.user_id == sums.c.user_id))
+            .where(accounts.c.user_id.is_(None), sums.c.total != 0)
+        )
+        yield from self._stream(left.union_all(orphans))
+
+    def _stream(self, query: Any) -> Iterator[Row[Any]]:
+        result = self.conn.execution_options(yield_per=1000).execute(query)
+        yield from result
+
+
+def _is(exc: IntegrityError, index: str, sqlite_columns: str) -> bool:
+    name = _engine.constraint_name(exc)
+    return name == index or sqlite_columns in name
+
+
+def _job(row: Row[Any]) -> Job:
+    return Job(
+        id=row.id,
+        user=row.user_id,
+        tool=row.tool,
+        status=Status(row.status),
+        cost=int(row.cost),
+        inputs=json.loads(row.inputs),
+        provider_task_id=row.provider_task_id,
+        error=row.error,
+        outputs=json.loads(row.outputs),
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        slot=row.slot,
+    )
+
+
+def _with_position(job: Job, position: int) -> Job:
+    return replace(job, position=position)
+
+
+def _entry(row: Row[Any]) -> LedgerEntry:
+    return LedgerEntry(
+        id=row.id,
+        user=row.user_id,
+        job_id=row.job_id,
+        kind=LedgerKind(row.kind),
+        amount=int(row.amount),
+        created_at=row.created_at,
+        note=row.note,
+    )

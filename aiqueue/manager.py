@@ -1,0 +1,559 @@
+"""QueueManager: the single source of truth for the queue's rules.
+
+Every CLI command is a thin layer over one method here. The manager never prints and never
+imports the CLI; it returns result objects from aiqueue.domain. Each state change is one
+transaction built around a guarded update; its row count decides the side effects (refund,
+starting the next job). Provider calls happen between transactions, never inside one.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from aiqueue.clock import Clock, SystemClock, format_duration
+from aiqueue.domain import (
+    REFUNDED,
+    TERMINAL,
+    TRANSITIONS,
+    AuditProblem,
+    AuditResult,
+    Balance,
+    CleanupResult,
+    EnqueueResult,
+    FinishResult,
+    GrantResult,
+    Job,
+    JobDetail,
+    LedgerEntry,
+    LedgerKind,
+    ProcessResult,
+    QueueStatus,
+    Status,
+)
+from aiqueue.errors import (
+    ConflictError,
+    InputError,
+    InsufficientCreditsError,
+    UnknownJobError,
+    UnknownToolError,
+    UsageError,
+    WrongStateError,
+)
+from aiqueue.provider.base import Provider, SubmitOutcome, TaskOutcome
+
+if TYPE_CHECKING:
+    from aiqueue.settings import Settings, ToolSpec
+    from aiqueue.store import Store, Tx
+
+MAX_CREDITS = 10**12  # one grant; far above any real top-up, far below BIGINT
+MAX_USER_LENGTH = 200
+_RETRIES = 5  # re-reads when a guarded update lost a race
+
+
+@dataclass(frozen=True)
+class _Ended:
+    job: Job
+    refunded: int
+
+
+class QueueManager:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        provider: Provider | Callable[[], Provider] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self._provider_or_factory = provider
+        self._provider: Provider | None = None
+
+    # --- schema and credits ---------------------------------------------------------------
+
+    def init_db(self) -> bool:
+        """Create the schema if it is missing (idempotent). True when it was created now."""
+        return self.store.init_schema()
+
+    def grant(self, user: str, amount: int, note: str | None = None) -> GrantResult:
+        """Add credits to a user's balance with a `grant` ledger entry."""
+        user = _check_user(user)
+        amount = _check_amount(amount)
+        now = self.clock.now()
+
+        def tx_fn(tx: Tx) -> GrantResult:
+            balance = tx.credit(user, amount, now)
+            entry = tx.add_ledger(user, None, LedgerKind.GRANT, amount, now, note)
+            assert entry is not None  # grants carry no job id, so the unique index never applies
+            return GrantResult(entry=entry, balance=balance)
+
+        return self.store.run(tx_fn)
+
+    def balance(self, user: str) -> Balance:
+        """A user's balance (0 for a user never seen)."""
+        user = _check_user(user)
+        return Balance(user=user, balance=self.store.read(lambda tx: tx.balance(user)))
+
+    def ledger(
+        self, user: str | None = None, job_id: int | None = None, limit: int | None = None
+    ) -> list[LedgerEntry]:
+        """Ledger entries, oldest first, optionally for one user or one job."""
+        if user is not None:
+            user = _check_user(user)
+        return self.store.read(lambda tx: tx.ledger_entries(user, job_id, limit))
+
+    # --- the queue ------------------------------------------------------------------------
+
+    def enqueue(
+        self, user: str, tool: str, inputs: Mapping[str, str] | None = None, *, start: bool = True
+    ) -> EnqueueResult:
+        """Create a queued job and charge its cost in one transaction; then, unless start is
+        False, fill the free slots in FIFO order (the same code as process_next)."""
+        user = _check_user(user)
+        spec = self._tool(tool)
+        resolved = _resolve_inputs(spec, inputs or {})
+        if start:
+            self._get_provider()  # a missing API key is refused before anything is charged
+        now = self.clock.now()
+
+        def tx_fn(tx: Tx) -> Job:
+            # Insert before debiting: jobs, then accounts, is the lock order of every path.
+            job = tx.insert_job(user, tool, spec.cost, resolved, now)
+            if not tx.debit(user, spec.cost, now):
+                available = tx.balance(user)
+                raise InsufficientCreditsError(
+                    f"user {user!r} has {available} credits; {tool} costs {spec.cost}",
+                    user=user,
+                    needed=spec.cost,
+                    available=available,
+                )
+            tx.add_ledger(user, job.id, LedgerKind.CHARGE, -spec.cost, now, f"{tool} job {job.id}")
+            tx.add_event(job.id, None, Status.QUEUED, now, "enqueued")
+            return replace(job, position=tx.position(job.id))
+
+        job = self.store.run(tx_fn)
+        process = self._fill() if start else ProcessResult()
+        if process.started or process.failed or process.unknown:
+            job = self._job(job.id)
+        return EnqueueResult(job=job, process=process)
+
+    def status(self, limit: int | None = None) -> QueueStatus:
+        """Jobs holding slots and the queued jobs in FIFO order with exact positions."""
+
+        def tx_fn(tx: Tx) -> QueueStatus:
+            queued = tx.queued(limit)
+            total = len(queued) if limit is None else tx.count_queued()
+            return QueueStatus(
+                limit=self.settings.max_concurrent,
+                running=tx.holding_slots(),
+                queued=queued,
+                queued_total=total,
+                paused=tx.is_paused(),
+            )
+
+        return self.store.read(tx_fn)
+
+    def job_detail(self, job_id: int) -> JobDetail:
+        """One job with its position (when queued), its status history and its ledger entries."""
+
+        def tx_fn(tx: Tx) -> JobDetail:
+            job = tx.get_job(job_id)
+            if job is None:
+                raise UnknownJobError(f"no job with id {job_id}", job_id=job_id)
+            return JobDetail(job=job, events=tx.events_of(job_id), ledger=tx.ledger_entries(job_id=job_id))
+
+        return self.store.read(tx_fn)
+
+    def process_next(self) -> ProcessResult:
+        """End stale jobs first (so a missing cron never blocks the queue), then fill every free
+        slot in FIFO order."""
+        expired = self._expire(self.settings.stale_after)
+        return replace(self._fill(), expired=expired.expired + expired.completed + expired.failed)
+
+    # --- ending jobs ----------------------------------------------------------------------
+
+    def finish(
+        self, job_id: int, status: Status | str, error: str | None = None, outputs: list[str] | None = None
+    ) -> FinishResult:
+        """An operator's finish: completed (with outputs) or failed (with the real message,
+        refunded). A repeat of the same finish changes nothing; a different ending of a terminal
+        job is refused."""
+        target = Status(status)
+        if target not in (Status.COMPLETED, Status.FAILED):
+            raise UsageError(f"finish takes completed or failed, not {target}")
+        if target is Status.FAILED and not (error and error.strip()):
+            raise UsageError("a failed job needs its real error message: give --error")
+        if target is Status.COMPLETED and error:
+            raise UsageError("--error goes with --status failed")
+        outcome = TaskOutcome(
+            kind="success" if target is Status.COMPLETED else "failed",
+            outputs=list(outputs or []),
+            message=error,
+        )
+        return self._finish(lambda tx: tx.get_job(job_id), outcome, source="operator", job_id=job_id)
+
+    def finish_webhook(self, raw: bytes) -> FinishResult:
+        """Apply a raw RunningHub webhook body through the same path as finish. Duplicates and
+        unknown tasks change nothing; a malformed body raises InvalidWebhookError."""
+        from aiqueue.webhooks import parse_webhook
+
+        event = parse_webhook(raw)
+        return self._finish(lambda tx: tx.get_job_by_task(event.task_id), event.outcome, source="webhook",
+                            task_id=event.task_id)
+
+    def cancel(self, job_id: int, reason: str | None = None) -> FinishResult:
+        """Cancel a queued, starting or running job (a running one at the provider too) and
+        refund it."""
+        note = reason.strip() if reason and reason.strip() else "cancelled by operator"
+        provider_note: str | None = None
+        for _ in range(_RETRIES):
+            job = self._job(job_id)
+            if job.status in TERMINAL:
+                return self._already(job, Status.CANCELLED, strict=True)
+            if job.status is Status.RUNNING and provider_note is None and job.provider_task_id:
+                answer = self._get_provider().cancel(job.provider_task_id)
+                provider_note = "provider cancelled the task" if answer.ok else f"provider cancel: {answer.message}"
+            if job.status is Status.RUNNING and provider_note is None:
+                continue
+            detail = note if provider_note is None else f"{note}; {provider_note}"
+            seen = job
+
+            def tx_fn(tx: Tx) -> _Ended | Job | None:
+                current = tx.get_job(job_id)
+                if current is None or current.status != seen.status:
+                    return current
+                return self._end(tx, current, Status.CANCELLED, detail, error=f"cancelled: {note}")
+
+            ended = self.store.run(tx_fn)
+            if isinstance(ended, _Ended):
+                return FinishResult(
+                    job=ended.job, changed=True, refunded=ended.refunded, message=provider_note,
+                    process=self._fill() if seen.status is not Status.QUEUED else ProcessResult(),
+                )
+        raise ConflictError(f"job {job_id} kept changing while being cancelled; try again", job_id=job_id)
+
+    def cleanup(self, older_than: timedelta | None = None) -> CleanupResult:
+        """End jobs that have held a slot longer than `older_than` (default queue.stale_after),
+        asking the provider first; refund the failed ones; then start the next jobs."""
+        result = self._expire(older_than or self.settings.stale_after)
+        return replace(result, process=self._fill())
+
+    # --- the refund audit -----------------------------------------------------------------
+
+    def refund_audit(self, fix: bool = False) -> AuditResult:
+        """Compare jobs, ledger and cached balances. With fix, add missing refunds and reset
+        cached balances to the ledger's sum (idempotent); other problems need a human."""
+        problems = self._audit()
+        if not fix:
+            return AuditResult(problems=problems, fixed=[])
+        fixed: list[AuditProblem] = []
+        for problem in problems:
+            if problem.kind == "missing_refund" and self._fix_refund(problem):
+                fixed.append(problem)
+        for problem in self._audit():
+            if problem.kind == "balance_mismatch" and self._fix_balance(problem.user):
+                fixed.append(problem)
+        return AuditResult(problems=self._audit(), fixed=fixed)
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _finish(
+        self, lookup: Callable[[Tx], Job | None], outcome: TaskOutcome, *, source: str, **ids: Any
+    ) -> FinishResult:
+        target = Status.COMPLETED if outcome.kind == "success" else Status.FAILED
+        if outcome.kind not in ("success", "failed"):
+            raise UsageError(f"a finish needs success or failure, not {outcome.kind}")
+        detail = f"{source}: " + ("completed" if target is Status.COMPLETED else (outcome.message or "failed"))
+
+        def tx_fn(tx: Tx) -> FinishResult:
+            for _ in range(_RETRIES):
+                job = lookup(tx)
+                if job is None:
+                    if source == "webhook":
+                        return FinishResult(
+                            job=None, changed=False,
+                            message=f"no job has provider task {ids.get('task_id')}; nothing changed",
+                        )
+                    raise UnknownJobError(f"no job with id {ids.get('job_id')}", **ids)
+                if job.status in TERMINAL:
+                    return self._already(job, target, strict=source != "webhook")
+                if job.status is Status.QUEUED:
+                    raise WrongStateError(
+                        f"job {job.id} is queued and was never started: cancel it instead",
+                        job_id=job.id, status=str(job.status),
+                    )
+                ended = self._end(
+                    tx, job, target, detail,
+                    error=outcome.message if target is Status.FAILED else None,
+                    outputs=outcome.outputs,
+                )
+                if ended is not None:
+                    return FinishResult(job=ended.job, changed=True, refunded=ended.refunded)
+            raise ConflictError("the job kept changing while being finished; try again", **ids)
+
+        result = self.store.run(tx_fn)
+        if result.changed:
+            result = replace(result, process=self._fill())
+        return result
+
+    def _already(self, job: Job, wanted: Status, *, strict: bool) -> FinishResult:
+        if job.status is wanted or not strict:
+            return FinishResult(job=job, changed=False, message=f"job {job.id} is already {job.status}")
+        raise WrongStateError(
+            f"job {job.id} is already {job.status}; terminal jobs never change",
+            job_id=job.id, status=str(job.status),
+        )
+
+    def _end(
+        self,
+        tx: Tx,
+        job: Job,
+        target: Status,
+        detail: str,
+        *,
+        error: str | None = None,
+        outputs: list[str] | None = None,
+    ) -> _Ended | None:
+        """The one place a job reaches a terminal status: guarded on the status we read, it
+        frees the slot, records the event and refunds failed and cancelled jobs (the unique
+        index on the ledger makes a second refund impossible)."""
+        assert target in TERMINAL and target in TRANSITIONS[job.status], (job.status, target)
+        now = self.clock.now()
+        values: dict[str, Any] = {"finished_at": now, "error": error}
+        if outputs:
+            values["outputs"] = outputs
+        ended = tx.transition(job.id, [job.status], target, now, **values)
+        if ended is None:
+            return None
+        tx.add_event(job.id, job.status, target, now, detail)
+        refunded = 0
+        if target in REFUNDED:
+            entry = tx.add_ledger(job.user, job.id, LedgerKind.REFUND, job.cost, now, f"{target} job {job.id}")
+            if entry is not None:
+                tx.credit(job.user, job.cost, now)
+                refunded = job.cost
+        return _Ended(job=ended, refunded=refunded)
+
+    def _fill(self) -> ProcessResult:
+        """Claim the oldest queued job for a free slot, submit it, record the answer; repeat
+        until no slot is free, nothing is queued or the provider says it is busy."""
+        started: list[Job] = []
+        requeued: list[Job] = []
+        failed: list[Job] = []
+        unknown: list[Job] = []
+        while True:
+            job = self.store.run(self._claim)
+            if job is None:
+                break
+            outcome = self._submit(job)
+            recorded = self.store.run(lambda tx, job=job, outcome=outcome: self._record(tx, job, outcome))
+            if recorded is None:
+                # Cancelled or expired while we were submitting: the task must not run unpaid-for.
+                if outcome.kind == "accepted" and outcome.task_id:
+                    self._get_provider().cancel(outcome.task_id)
+                continue
+            {"accepted": started, "busy": requeued, "rejected": failed, "unknown": unknown}[
+                outcome.kind
+            ].append(recorded)
+            if outcome.kind == "busy":
+                break
+        return ProcessResult(started=started, requeued=requeued, failed=failed, unknown=unknown)
+
+    def _claim(self, tx: Tx) -> Job | None:
+        if tx.lock_gate():  # paused
+            return None
+        used = set(tx.used_slots())
+        limit = self.settings.max_concurrent
+        if len(used) >= limit:
+            return None
+        job = tx.oldest_queued()
+        if job is None:
+            return None
+        slot = min(s for s in range(1, limit + 1) if s not in used)
+        now = self.clock.now()
+        claimed = tx.transition(job.id, [Status.QUEUED], Status.STARTING, now, slot=slot, started_at=now, error=None)
+        if claimed is not None:
+            tx.add_event(job.id, Status.QUEUED, Status.STARTING, now, f"claimed slot {slot}")
+        return claimed
+
+    def _submit(self, job: Job) -> SubmitOutcome:
+        spec = self.settings.tools.get(job.tool)
+        if spec is None:
+            return SubmitOutcome(kind="rejected", message=f"tool {job.tool!r} is no longer in the config")
+        node_info_list = [
+            {"nodeId": item.node_id, "fieldName": item.field, "fieldValue": job.inputs.get(name, item.default)}
+            for name, item in spec.inputs.items()
+        ]
+        return self._get_provider().submit(spec.webapp_id, node_info_list, self.settings.webhook_url)
+
+    def _record(self, tx: Tx, job: Job, outcome: SubmitOutcome) -> Job | None:
+        now = self.clock.now()
+        if outcome.kind == "accepted":
+            running = tx.transition(
+                job.id, [Status.STARTING], Status.RUNNING, now, provider_task_id=outcome.task_id, error=None
+            )
+            if running is not None:
+                tx.add_event(job.id, Status.STARTING, Status.RUNNING, now, f"provider task {outcome.task_id}")
+            return running
+        if outcome.kind == "busy":
+            back = tx.transition(job.id, [Status.STARTING], Status.QUEUED, now, started_at=None)
+            if back is None:
+                return None
+            tx.add_event(job.id, Status.STARTING, Status.QUEUED, now, f"provider busy: {outcome.message}")
+            return replace(back, position=tx.position(back.id))
+        if outcome.kind == "rejected":
+            ended = self._end(tx, job, Status.FAILED, f"submit rejected: {outcome.message}",
+                              error=f"submit rejected: {outcome.message}")
+            return None if ended is None else ended.job
+        # Unknown: the provider may have created (and billed) a task. Never resubmit; keep the
+        # slot and let cleanup (or an operator's finish) end it.
+        reason = f"submit outcome unknown: {outcome.message}"
+        if not tx.set_job_fields(job.id, Status.STARTING, now, error=reason):
+            return None
+        tx.add_event(job.id, Status.STARTING, Status.STARTING, now, reason)
+        return replace(job, error=reason)
+
+    def _expire(self, older_than: timedelta) -> CleanupResult:
+        now = self.clock.now()
+        stale = self.store.read(lambda tx: tx.stale(now - older_than))
+        expired: list[Job] = []
+        completed: list[Job] = []
+        failed: list[Job] = []
+        for job in stale:
+            held = format_duration(now - job.started_at) if job.started_at else "?"
+            limit = format_duration(older_than)
+            target, error, outputs, bucket = Status.FAILED, "", [], expired
+            if job.status is Status.RUNNING and job.provider_task_id:
+                answer = self._get_provider().outputs(job.provider_task_id)
+                if answer.kind == "success":
+                    target, error, outputs, bucket = Status.COMPLETED, "", answer.outputs, completed
+                elif answer.kind == "failed":
+                    error, bucket = answer.message or f"provider code {answer.code}", failed
+                else:
+                    said = "still running" if answer.kind == "pending" else f"unreachable: {answer.message}"
+                    cancel = self._get_provider().cancel(job.provider_task_id)
+                    cancelled = "cancelled there" if cancel.ok else f"cancel failed: {cancel.message}"
+                    error = f"timed out after {held} running (limit {limit}); provider: {said}, {cancelled}"
+            else:
+                why = job.error or "the submit never returned"
+                error = f"timed out after {held} starting (limit {limit}); {why}"
+            seen = job
+
+            def tx_fn(tx: Tx) -> _Ended | None:
+                current = tx.get_job(seen.id)
+                if current is None or current.status != seen.status or current.started_at != seen.started_at:
+                    return None  # someone else ended or restarted it meanwhile
+                return self._end(tx, current, target, f"cleanup: {error or 'provider reports success'}",
+                                 error=error or None, outputs=outputs)
+
+            ended = self.store.run(tx_fn)
+            if ended is not None:
+                bucket.append(ended.job)
+        return CleanupResult(expired=expired, completed=completed, failed=failed)
+
+    def _audit(self) -> list[AuditProblem]:
+        def tx_fn(tx: Tx) -> list[AuditProblem]:
+            problems: list[AuditProblem] = []
+            for r in tx.jobs_missing_refund():
+                problems.append(AuditProblem("missing_refund", r.id, r.user_id,
+                                             f"{r.status} job has no refund of {r.cost}", fixable=True))
+            for r in tx.refunds_on_unrefundable():
+                problems.append(AuditProblem("refund_on_completed" if r.status == "completed" else "refund_on_active",
+                                             r.id, r.user_id, f"{r.status} job was refunded {r.amount}", fixable=False))
+            for r in tx.jobs_missing_charge():
+                problems.append(AuditProblem("missing_charge", r.id, r.user_id,
+                                             f"{r.status} job has no charge of {r.cost}", fixable=False))
+            for r in tx.wrong_amounts():
+                problems.append(AuditProblem("wrong_amount", r.id, r.user_id,
+                                             f"{r.kind} of {r.amount} for user {r.entry_user!r} on a job costing {r.cost}",
+                                             fixable=False))
+            for r in tx.balance_mismatches():
+                problems.append(AuditProblem("balance_mismatch", None, r.user_id,
+                                             f"cached balance {r.balance} but the ledger sums to {r.total}", fixable=True))
+            return problems
+
+        return self.store.read(tx_fn)
+
+    def _fix_refund(self, problem: AuditProblem) -> bool:
+        assert problem.job_id is not None
+
+        def tx_fn(tx: Tx) -> bool:
+            job = tx.get_job(problem.job_id, for_update=True)  # type: ignore[arg-type]
+            if job is None or job.status not in REFUNDED:
+                return False
+            now = self.clock.now()
+            entry = tx.add_ledger(job.user, job.id, LedgerKind.REFUND, job.cost, now,
+                                  f"refund-audit fix: {job.status} job {job.id}")
+            if entry is None:
+                return False
+            tx.credit(job.user, job.cost, now)
+            return True
+
+        return self.store.run(tx_fn)
+
+    def _fix_balance(self, user: str) -> bool:
+        return self.store.run(lambda tx: tx.reset_balance_to_ledger(user, self.clock.now()))
+
+    def _job(self, job_id: int) -> Job:
+        job = self.store.read(lambda tx: tx.get_job(job_id))
+        if job is None:
+            raise UnknownJobError(f"no job with id {job_id}", job_id=job_id)
+        return job
+
+    def _tool(self, name: str) -> ToolSpec:
+        spec = self.settings.tools.get(name)
+        if spec is None:
+            known = ", ".join(sorted(self.settings.tools)) or "none configured"
+            raise UnknownToolError(f"unknown tool {name!r} (configured: {known})", tool=name)
+        return spec
+
+    def _get_provider(self) -> Provider:
+        if self._provider is None:
+            candidate = self._provider_or_factory
+            if candidate is None:
+                from aiqueue.errors import ConfigError
+
+                raise ConfigError("no provider configured")
+            self._provider = candidate if hasattr(candidate, "submit") else candidate()  # type: ignore[operator]
+        return self._provider  # type: ignore[return-value]
+
+
+def _check_user(user: str) -> str:
+    if not isinstance(user, str) or not user.strip():
+        raise UsageError("user must be a non-empty string")
+    if len(user) > MAX_USER_LENGTH:
+        raise UsageError(f"user id is {len(user)} characters long; the limit is {MAX_USER_LENGTH}")
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs") for ch in user):
+        raise UsageError("user id contains control or invisible characters")
+    return user
+
+
+def _check_amount(amount: Any) -> int:
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise UsageError(f"credit amount must be a positive integer (got {amount!r})")
+    if amount <= 0:
+        raise UsageError(f"credit amount must be a positive integer (got {amount})")
+    if amount > MAX_CREDITS:
+        raise UsageError(f"credit amount {amount} is above the limit of {MAX_CREDITS}")
+    return amount
+
+
+def _resolve_inputs(spec: ToolSpec, given: Mapping[str, str]) -> dict[str, str]:
+    unknown = sorted(set(given) - set(spec.inputs))
+    if unknown:
+        known = ", ".join(spec.inputs) or "none"
+        raise InputError(f"tool {spec.name} has no input {unknown[0]!r} (inputs: {known})", tool=spec.name)
+    resolved: dict[str, str] = {}
+    for name, item in spec.inputs.items():
+        if name in given:
+            resolved[name] = str(given[name])
+        elif item.default is not None:
+            resolved[name] = item.default
+        else:
+            raise InputError(f"tool {spec.name} needs input {name!r}: give --input {name}=VALUE", tool=spec.name)
+    return resolved

@@ -1,0 +1,183 @@
+"""SQLModel tables. The schema itself holds the invariants it can:
+
+- one active job per user: a partial unique index over every active status;
+- a job holds a numbered slot exactly while it is starting or running (CHECK), and no two jobs
+  hold the same slot (partial unique index), so the global limit is structural once claims are
+  serialised (see store.Tx.claim_next);
+- one charge and at most one refund per job: a unique index on (job_id, kind);
+- no balance below zero, charges negative, grants and refunds positive: CHECK constraints.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    text,
+)
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+SCHEMA_VERSION = 1
+
+ACTIVE_SQL = "status IN ('queued', 'starting', 'running')"
+STATUS_SQL = "status IN ('queued', 'starting', 'running', 'completed', 'failed', 'cancelled')"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on both backends (SQLite drops the zone; we put it back)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use the injected UTC clock")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):  # raw SQLite text
+            value = datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def _col(type_: Any, *args: Any, **kwargs: Any) -> Any:
+    return Field(sa_column=Column(type_, *args, **kwargs))
+
+
+class JobRow(SQLModel, table=True):
+    __tablename__ = "aiqueue_jobs"
+    __table_args__ = (
+        CheckConstraint(STATUS_SQL, name="ck_aiqueue_jobs_status"),
+        CheckConstraint("cost > 0", name="ck_aiqueue_jobs_cost"),
+        CheckConstraint(
+            "(slot IS NOT NULL) = (status IN ('starting', 'running'))",
+            name="ck_aiqueue_jobs_slot_held",
+        ),
+        CheckConstraint("slot IS NULL OR slot >= 1", name="ck_aiqueue_jobs_slot_positive"),
+        Index(
+            "ux_aiqueue_jobs_active_user",
+            "user_id",
+            unique=True,
+            sqlite_where=text(ACTIVE_SQL),
+            postgresql_where=text(ACTIVE_SQL),
+        ),
+        Index(
+            "ux_aiqueue_jobs_slot",
+            "slot",
+            unique=True,
+            sqlite_where=text("slot IS NOT NULL"),
+            postgresql_where=text("slot IS NOT NULL"),
+        ),
+        # FIFO pick, positions and per-status counts.
+        Index("ix_aiqueue_jobs_status_id", "status", "id"),
+        Index("ix_aiqueue_jobs_user_id", "user_id", "id"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True, autoincrement=True))
+    user_id: str = _col(String(200), nullable=False)
+    tool: str = _col(String(100), nullable=False)
+    status: str = _col(String(16), nullable=False)
+    cost: int = _col(BigInteger, nullable=False)
+    inputs: str = _col(Text, nullable=False, default="{}")
+    provider_task_id: str | None = _col(String(64), nullable=True, unique=True)
+    error: str | None = _col(Text, nullable=True)
+    outputs: str = _col(Text, nullable=False, default="[]")
+    slot: int | None = _col(Integer, nullable=True)
+    created_at: datetime = _col(UTCDateTime, nullable=False)
+    started_at: datetime | None = _col(UTCDateTime, nullable=True)
+    finished_at: datetime | None = _col(UTCDateTime, nullable=True)
+    updated_at: datetime = _col(UTCDateTime, nullable=False)
+
+
+class JobEventRow(SQLModel, table=True):
+    __tablename__ = "aiqueue_job_events"
+    __table_args__ = (Index("ix_aiqueue_job_events_job", "job_id", "id"),)
+
+    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True, autoincrement=True))
+    job_id: int = _col(Integer, ForeignKey("aiqueue_jobs.id"), nullable=False)
+    from_status: str | None = _col(String(16), nullable=True)
+    to_status: str = _col(String(16), nullable=False)
+    at: datetime = _col(UTCDateTime, nullable=False)
+    detail: str | None = _col(Text, nullable=True)
+
+
+class AccountRow(SQLModel, table=True):
+    """The cached balance; the refund audit checks it against the ledger's sum."""
+
+    __tablename__ = "aiqueue_accounts"
+    __table_args__ = (CheckConstraint("balance >= 0", name="ck_aiqueue_accounts_balance"),)
+
+    user_id: str = Field(sa_column=Column(String(200), primary_key=True))
+    balance: int = _col(BigInteger, nullable=False)
+    updated_at: datetime = _col(UTCDateTime, nullable=False)
+
+
+class LedgerRow(SQLModel, table=True):
+    """Append-only: rows are inserted, never updated or deleted."""
+
+    __tablename__ = "aiqueue_ledger"
+    __table_args__ = (
+        CheckConstraint("kind IN ('grant', 'charge', 'refund')", name="ck_aiqueue_ledger_kind"),
+        CheckConstraint(
+            "(kind = 'charge' AND amount < 0) OR (kind IN ('grant', 'refund') AND amount > 0)",
+            name="ck_aiqueue_ledger_amount_sign",
+        ),
+        CheckConstraint(
+            "(kind = 'grant') = (job_id IS NULL)", name="ck_aiqueue_ledger_job_for_charges"
+        ),
+        Index(
+            "ux_aiqueue_ledger_job_kind",
+            "job_id",
+            "kind",
+            unique=True,
+            sqlite_where=text("job_id IS NOT NULL"),
+            postgresql_where=text("job_id IS NOT NULL"),
+        ),
+        Index("ix_aiqueue_ledger_user", "user_id", "id"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True, autoincrement=True))
+    user_id: str = _col(String(200), nullable=False)
+    job_id: int | None = _col(Integer, ForeignKey("aiqueue_jobs.id"), nullable=True)
+    kind: str = _col(String(8), nullable=False)
+    amount: int = _col(BigInteger, nullable=False)
+    created_at: datetime = _col(UTCDateTime, nullable=False)
+    note: str | None = _col(Text, nullable=True)
+
+
+class QueueStateRow(SQLModel, table=True):
+    """One row. On PostgreSQL, claims lock it so that count-then-claim is serialised."""
+
+    __tablename__ = "aiqueue_queue_state"
+    __table_args__ = (CheckConstraint("id = 1", name="ck_aiqueue_queue_state_single"),)
+
+    id: int = Field(default=1, sa_column=Column(Integer, primary_key=True, autoincrement=False))
+    paused: bool = _col(Boolean, nullable=False, default=False)
+    schema_version: int = _col(Integer, nullable=False, default=SCHEMA_VERSION)
+
+
+jobs = JobRow.__table__  # type: ignore[attr-defined]
+events = JobEventRow.__table__  # type: ignore[attr-defined]
+accounts = AccountRow.__table__  # type: ignore[attr-defined]
+ledger = LedgerRow.__table__  # type: ignore[attr-defined]
+queue_state = QueueStateRow.__table__  # type: ignore[attr-defined]
+metadata = SQLModel.metadata
