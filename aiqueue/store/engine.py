@@ -23,12 +23,23 @@ _MAX_ATTEMPTS = 6
 
 def make_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
     if url.startswith("sqlite"):
+        _make_parent_dir(url)
         engine = create_engine(url, connect_args={"timeout": busy_timeout, "check_same_thread": False})
         _setup_sqlite(engine, busy_timeout)
         return engine
     if url.startswith("postgresql"):
         return create_engine(url, pool_pre_ping=False, connect_args={"connect_timeout": 10})
     raise DatabaseError(f"unsupported database URL scheme: {url.split(':', 1)[0]}")
+
+
+def _make_parent_dir(url: str) -> None:
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
 def _setup_sqlite(engine: Engine, busy_timeout: float) -> None:

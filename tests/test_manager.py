@@ -1,0 +1,468 @@
+"""Every rule of the queue, on SQLite and PostgreSQL, through QueueManager and the fake
+RunningHub server over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta, timezone
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+
+from aiqueue.domain import Status
+from aiqueue.errors import (
+    ActiveJobError,
+    InputError,
+    InsufficientCreditsError,
+    InvalidWebhookError,
+    UnknownJobError,
+    UnknownToolError,
+    UsageError,
+    WrongStateError,
+)
+from tests.invariants import check_invariants
+
+IMG = {"image": "api/in.png"}
+
+
+def funded(manager: Any, *users: str, amount: int = 100) -> None:
+    for user in users:
+        manager.grant(user, amount)
+
+
+def assert_clean(manager: Any) -> None:
+    assert check_invariants(manager.store.url, manager.settings.max_concurrent) == []
+    assert manager.refund_audit().ok
+
+
+def counts(manager: Any) -> tuple[int, int]:
+    with manager.store.engine.connect() as conn:
+        jobs = conn.execute(text("SELECT count(*) FROM aiqueue_jobs")).scalar_one()
+        entries = conn.execute(text("SELECT count(*) FROM aiqueue_ledger")).scalar_one()
+    return jobs, entries
+
+
+# --- credits ------------------------------------------------------------------------------
+
+
+def test_grant_balance_and_ledger(manager: Any) -> None:
+    assert manager.balance("alice").balance == 0
+    assert manager.grant("alice", 30, "welcome").balance == 30
+    assert manager.grant("alice", 12).balance == 42
+    entries = manager.ledger(user="alice")
+    assert [(e.kind, e.amount, e.note) for e in entries] == [("grant", 30, "welcome"), ("grant", 12, None)]
+    assert all(e.created_at.tzinfo is not None and e.created_at.utcoffset() == timedelta(0) for e in entries)
+
+
+@pytest.mark.parametrize("amount", [0, -5, 1.5, True, "10", 10**13])
+def test_bad_grant_amounts_change_nothing(manager: Any, amount: Any) -> None:
+    with pytest.raises(UsageError):
+        manager.grant("alice", amount)
+    assert counts(manager) == (0, 0)
+
+
+# --- enqueue ------------------------------------------------------------------------------
+
+
+def test_enqueue_charges_once_and_starts_at_once(manager: Any, fake_hub: Any) -> None:
+    funded(manager, "alice", amount=12)
+    result = manager.enqueue("alice", "upscale_image", IMG)
+    job = result.job
+    assert job.status is Status.RUNNING and job.slot == 1
+    assert isinstance(job.provider_task_id, str) and len(job.provider_task_id) == 19
+    assert manager.balance("alice").balance == 7
+    assert [(e.kind, e.amount) for e in manager.ledger(job_id=job.id)] == [("charge", -5)]
+    sent = [r for r in fake_hub.requests if r["path"] == "/task/openapi/ai-app/run"]
+    assert len(sent) == 1
+    body = sent[0]["body"]
+    assert body["webappId"] == "1990000000000000001"
+    assert body["webhookUrl"] == "http://127.0.0.1:9/hooks/runninghub"
+    assert body["nodeInfoList"] == [
+        {"nodeId": "12", "fieldName": "image", "fieldValue": "api/in.png"},
+        {"nodeId": "15", "fieldName": "value", "fieldValue": "2"},
+    ]
+    assert_clean(manager)
+
+
+def test_enqueue_no_start_only_queues(manager: Any, fake_hub: Any) -> None:
+    funded(manager, "alice")
+    job = manager.enqueue("alice", "upscale_image", IMG, start=False).job
+    assert job.status is Status.QUEUED and job.position == 1
+    assert fake_hub.requests == []
+
+
+def test_refused_enqueues_charge_and_create_nothing(manager: Any) -> None:
+    funded(manager, "alice", amount=4)  # upscale_image costs 5
+    before = counts(manager)
+    with pytest.raises(InsufficientCreditsError) as err:
+        manager.enqueue("alice", "upscale_image", IMG)
+    assert err.value.needed == 5 and err.value.available == 4
+    with pytest.raises(UnknownToolError):
+        manager.enqueue("alice", "no_such_tool", IMG)
+    with pytest.raises(InputError, match="needs input 'image'"):
+        manager.enqueue("alice", "upscale_image", {})
+    with pytest.raises(InputError, match="no input 'colour'"):
+        manager.enqueue("alice", "upscale_image", {"image": "x", "colour": "red"})
+    with pytest.raises(UsageError):
+        manager.enqueue("", "upscale_image", IMG)
+    assert counts(manager) == before
+    assert manager.balance("alice").balance == 4
+
+
+def test_one_active_job_per_user(manager: Any, fake_hub: Any) -> None:
+    funded(manager, "alice")
+    first = manager.enqueue("alice", "upscale_image", IMG).job
+    with pytest.raises(ActiveJobError, match=f"job {first.id}"):
+        manager.enqueue("alice", "upscale_video", {"video": "v.mp4"})
+    assert manager.balance("alice").balance == 95  # the refused one charged nothing
+    fake_hub.finish_task(first.provider_task_id, deliver=False)
+    manager.finish(first.id, "completed")
+    assert manager.enqueue("alice", "upscale_video", {"video": "v.mp4"}).job.status is Status.RUNNING
+
+
+def test_active_job_index_is_in_the_database(manager: Any) -> None:
+    funded(manager, "alice")
+    job = manager.enqueue("alice", "upscale_image", IMG, start=False).job
+    with pytest.raises(IntegrityError):
+        with manager.store.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO aiqueue_jobs (user_id, tool, status, cost, inputs, outputs, created_at, updated_at)"
+                    " SELECT user_id, tool, 'running', cost, inputs, outputs, created_at, updated_at"
+                    " FROM aiqueue_jobs WHERE id = :id"
+                ),
+                {"id": job.id},
+            )
+
+
+# --- slots and FIFO -----------------------------------------------------------------------
+
+
+def test_global_limit_and_fifo_across_tools(manager: Any, fake_hub: Any) -> None:
+    users = [f"u{i}" for i in range(6)]
+    funded(manager, *users)
+    jobs = []
+    for i, user in enumerate(users):
+        if i % 2:
+            jobs.append(manager.enqueue(user, "upscale_video", {"video": f"v{i}.mp4"}).job)
+        else:
+            jobs.append(manager.enqueue(user, "upscale_image", {"image": f"i{i}.png"}).job)
+    status = manager.status()
+    assert [j.id for j in status.running] == [j.id for j in jobs[:3]]
+    assert [j.slot for j in status.running] == [1, 2, 3]
+    assert [(j.id, j.position) for j in status.queued] == [(jobs[3].id, 1), (jobs[4].id, 2), (jobs[5].id, 3)]
+    assert manager.process_next().started == []  # no free slot: nothing more starts
+
+    # Cancelling the middle of the queue closes the gap: positions stay exact.
+    manager.cancel(jobs[4].id)
+    assert [(j.id, j.position) for j in manager.status().queued] == [(jobs[3].id, 1), (jobs[5].id, 2)]
+    assert manager.job_detail(jobs[5].id).job.position == 2
+
+    # Finishing frees the slot and starts the oldest queued job (through the same fill).
+    finished = manager.finish(jobs[1].id, "completed", outputs=["https://cdn.example.com/o.mp4"])
+    assert [j.id for j in finished.process.started] == [jobs[3].id]
+    assert finished.process.started[0].slot == 2
+    assert [j.id for j in manager.status().queued] == [jobs[5].id]
+    assert_clean(manager)
+
+
+def test_capacity_answer_requeues_in_place_without_refund(manager: Any, fake_hub: Any) -> None:
+    funded(manager, "a", "b")
+    a = manager.enqueue("a", "upscale_image", IMG, start=False).job
+    b = manager.enqueue("b", "upscale_image", IMG, start=False).job
+    fake_hub.script_submits(["busy"])
+    result = manager.process_next()
+    assert [j.id for j in result.requeued] == [a.id] and result.started == []  # stops at busy
+    status = manager.status()
+    assert status.running == []
+    assert [(j.id, j.position) for j in status.queued] == [(a.id, 1), (b.id, 2)]
+    assert manager.balance("a").balance == 95 and len(manager.ledger(job_id=a.id)) == 1
+    detail = manager.job_detail(a.id)
+    assert detail.job.started_at is None
+    assert "421 TASK_QUEUE_MAXED" in detail.events[-1].detail
+    # The next explicit process-next submits it again at once (no hidden backoff).
+    again = manager.process_next()
+    assert [j.id for j in again.started] == [a.id, b.id]
+    assert_clean(manager)
+
+
+@pytest.mark.parametrize("behaviour", ["busy415", "reject:1520", "reject:1011"])
+def test_every_capacity_code_requeues(manager: Any, fake_hub: Any, behaviour: str) -> None:
+    funded(manager, "a")
+    fake_hub.script_submits([behaviour])
+    job = manager.enqueue("a", "upscale_image", IMG).job
+    assert job.status is Status.QUEUED and job.position == 1
+    assert manager.balance("a").balance == 95
+
+
+def test_terminal_code_fails_with_real_message_and_refunds(manager: Any, fake_hub: Any) -> None:
+    funded(manager, "a", "b")
+    fake_hub.script_submits(["reject:803"])
+    manager.enqueue("b", "upscale_image", IMG, start=False)
+    result = manager.enqueue("a", "upscale_image", IMG)  # b is ahead: b is submitted and rejected
+    assert [j.user for j in result.process.failed] == ["b"]
+    failed = result.process.failed[0]
+    assert failed.status is Status.FAILED
+    assert "803" in failed.error and "APIKEY_INVALID_NODE_INFO" in failed.error
+    assert manager.balance("b").balance == 100
+    assert result.job.status is Status.RUNNING  # the fill went on to a
+    assert_clean(manager)
+
+
+def test_unknown_outcome_is_never_resubmitted(manager: Any, fake_hub: Any, clock: Any) -> None:
+    funded(manager, "a")
+    fake_hub.script_submits(["http500"])
+    job = manager.enqueue("a", "upscale_image", IMG).job
+    assert job.status is Status.STARTING and job.slot == 1
+    assert "unknown" in job.error and "500" in job.error
+    manager.process_next()
+    manager.process_next()
+    submits = [r for r in fake_hub.requests if r["path"] == "/task/openapi/ai-app/run"]
+    assert len(submits) == 1
+    assert manager.job_detail(job.id).job.status is Status.STARTING
+    clock.advance(timedelta(minutes=11))
+    cleaned = manager.cleanup()
+    assert [j.id for j in cleaned.expired] == [job.id]
+    ended = manager.job_detail(job.id).job
+    assert ended.status is Status.FAILED and "timed out" in ended.error and "500" in ended.error
+    assert manager.balance("a").balance == 100
+    assert_clean(manager)
+
+
+# --- finishing ----------------------------------------------------------------------------
+
+
+def test_success_webhook_completes_and_duplicates_change_nothing(manager: Any, fake_hub: Any) -> None:
+    funded(manager, "a")
+    job = manager.enqueue("a", "upscale_image", IMG).job
+    body = fake_hub.finish_task(job.provider_task_id, outputs=["https://cdn.example.com/a.png"], deliver=False)
+    first = manager.finish_webhook(body)
+    assert first.changed and first.job.status is Status.COMPLETED
+    assert first.job.outputs == ["https://cdn.example.com/a.png"]
+    assert first.job.slot is None and first.job.finished_at.tzinfo == timezone.utc
+    second = manager.finish_webhook(body)
+    assert not second.changed and second.job.status is Status.COMPLETED
+    late_failure = fake_hub.finish_task(job.provider_task_id, success=False, deliver=False)
+    assert not manager.finish_webhook(late_failure).changed
+    assert manager.job_detail(job.id).job.status is Status.COMPLETED
+    assert manager.balance("a").balance == 95  # completed: never refunded
+    assert_clean(manager)
+
+
+def test_failure_webhook_stores_real_message_and_refunds_once(manager: Any, fake_hub: Any) -> None:
+    funded(manager, "a")
+    job = manager.enqueue("a", "upscale_image", IMG).job
+    body = fake_hub.finish_task(job.provider_task_id, success=False, error="CUDA out of memory", deliver=False)
+    result = manager.finish_webhook(body)
+    assert result.changed and result.refunded == 5
+    assert "CUDA out of memory" in result.job.error and "KSampler" in result.job.error
+    for _ in range(3):
+        assert manager.finish_webhook(body).refunded == 0
+    assert [(e.kind, e.amount) for e in manager.ledger(job_id=job.id)] == [("charge", -5), ("refund", 5)]
+    assert manager.balance("a").balance == 100
+    assert_clean(manager)
+
+
+def test_v2_webhook_object_event_data(manager: Any) -> None:
+    funded(manager, "a")
+    job = manager.enqueue("a", "upscale_image", IMG).job
+    body = json.dumps({
+        "event": "TASK_END", "taskId": job.provider_task_id,
+        "eventData": {"status": "FAILED", "errorCode": "1501", "errorMessage": "content moderation failed",
+                      "results": None, "failedReason": {}},
+    }).encode()
+    result = manager.finish_webhook(body)
+    assert result.job.status is Status.FAILED and "content moderation failed" in result.job.error
+
+
+def test_unknown_and_malformed_webhooks(manager: Any) -> None:
+    funded(manager, "a")
+    manager.enqueue("a", "upscale_image", IMG)
+    before = counts(manager)
+    unknown = json.dumps({"event": "TASK_END", "taskId": "1234567890123456789",
+                          "eventData": json.dumps({"code": 0, "msg": "success",
+                                                  "data": [{"fileUrl": "https://cdn.example.com/x.png"}]})}).encode()
+    result = manager.finish_webhook(unknown)
+    assert result.job is None and not result.changed
+    for bad in (b"", b"not json", b"[]", b'{"event": "TASK_END"}', b"\xff\xfe", b'{"event":"TASK_END","taskId":"1","eventData":"{"}'):
+        with pytest.raises(InvalidWebhookError):
+            manager.finish_webhook(bad)
+    assert counts(manager) == before
+
+
+def test_manual_finish_rules(manager: Any) -> None:
+    funded(manager, "a", "b")
+    job = manager.enqueue("a", "upscale_image", IMG).job
+    queued = manager.enqueue("b", "upscale_image", IMG, start=False).job
+    with pytest.raises(UsageError, match="real error"):
+        manager.finish(job.id, "failed")
+    with pytest.raises(UnknownJobError):
+        manager.finish(999999, "completed")
+    done = manager.finish(job.id, "failed", error="node 7: input image is corrupt")
+    assert done.refunded == 5 and done.job.error == "node 7: input image is corrupt"
+    assert not manager.finish(job.id, "failed", error="again").changed  # a repeat: no change
+    with pytest.raises(WrongStateError, match="terminal"):
+        manager.finish(job.id, "completed")
+    assert done.process.started[0].id == queued.id  # the freed slot went to the next job
+
+
+def test_finish_of_queued_job_is_refused(manager: Any) -> None:
+    funded(manager, "a")
+    job = manager.enqueue("a", "upscale_image", IMG, start=False).job
+    with pytest.raises(WrongStateError, match="queued"):
+        manager.finish(job.id, "completed")
+    assert manager.job_detail(job.id).job.status is Status.QUEUED
+
+
+# --- cancel -------------------------------------------------------------------------------
+
+
+def test_cancel_queued_and_running(manager: Any, fake_hub: Any) -> None:
+    funded(manager, "a", "b")
+    running = manager.enqueue("a", "upscale_image", IMG).job
+    queued = manager.enqueue("b", "upscale_video", {"video": "v"}, start=False).job
+    first = manager.cancel(queued.id, reason="user asked")
+    assert first.changed and first.refunded == 20 and first.job.status is Status.CANCELLED
+    assert "user asked" in first.job.error
+    second = manager.cancel(running.id)
+    assert second.refunded == 5
+    assert fake_hub.tasks[running.provider_task_id].status == "CANCEL"
+    again = manager.cancel(running.id)
+    assert not again.changed and again.refunded == 0
+    assert manager.balance("a").balance == 100 and manager.balance("b").balance == 100
+    assert_clean(manager)
+
+
+def test_cancel_completed_job_is_refused(manager: Any) -> None:
+    funded(manager, "a")
+    job = manager.enqueue("a", "upscale_image", IMG).job
+    manager.finish(job.id, "completed")
+    with pytest.raises(WrongStateError):
+        manager.cancel(job.id)
+    with pytest.raises(UnknownJobError):
+        manager.cancel(424242)
+    assert manager.job_detail(job.id).job.status is Status.COMPLETED
+
+
+# --- cleanup ------------------------------------------------------------------------------
+
+
+def test_cleanup_asks_the_provider_first(manager: Any, fake_hub: Any, clock: Any) -> None:
+    users = ["done", "broken", "slow"]
+    funded(manager, *users)
+    jobs = {u: manager.enqueue(u, "upscale_image", IMG).job for u in users}
+    fake_hub.finish_task(jobs["done"].provider_task_id, outputs=["https://cdn.example.com/d.png"], deliver=False)
+    fake_hub.finish_task(jobs["broken"].provider_task_id, success=False, error="bad latent", deliver=False)
+    fake_hub.set_running(jobs["slow"].provider_task_id)
+    clock.advance(timedelta(minutes=10, seconds=1))
+    result = manager.cleanup()
+    assert [j.user for j in result.completed] == ["done"]
+    assert result.completed[0].outputs == ["https://cdn.example.com/d.png"]
+    assert [j.user for j in result.failed] == ["broken"] and "bad latent" in result.failed[0].error
+    assert [j.user for j in result.expired] == ["slow"]
+    assert "timed out" in result.expired[0].error and "still running" in result.expired[0].error
+    assert fake_hub.tasks[jobs["slow"].provider_task_id].status == "CANCEL"
+    assert [manager.balance(u).balance for u in users] == [95, 100, 100]
+    assert manager.cleanup().expired == []  # a second run changes nothing
+    assert_clean(manager)
+
+
+def test_staleness_counts_from_leaving_the_queue(manager: Any, clock: Any) -> None:
+    funded(manager, "a", "b", "c", "d")
+    for user in "abc":
+        manager.enqueue(user, "upscale_image", IMG)
+    waiting = manager.enqueue("d", "upscale_image", IMG).job
+    assert waiting.status is Status.QUEUED
+    clock.advance(timedelta(minutes=9, seconds=59))
+    assert manager.cleanup().expired == []  # 9m59s: kept
+    clock.advance(timedelta(seconds=2))  # 10m01s: expired, and d finally starts
+    result = manager.cleanup()
+    assert len(result.expired) == 3
+    started = result.process.started
+    assert [j.id for j in started] == [waiting.id]
+    clock.advance(timedelta(minutes=9))  # d waited 10m+ in the queue, but ran only 9m
+    assert manager.cleanup().expired == []
+    assert manager.job_detail(waiting.id).job.status is Status.RUNNING
+
+
+def test_process_next_ends_stale_jobs_first(manager: Any, clock: Any) -> None:
+    funded(manager, "a", "b", "c", "d")
+    for user in "abc":
+        manager.enqueue(user, "upscale_image", IMG)
+    waiting = manager.enqueue("d", "upscale_image", IMG).job
+    clock.advance(timedelta(minutes=30))
+    result = manager.process_next()
+    assert len(result.expired) == 3
+    assert [j.id for j in result.started] == [waiting.id]
+
+
+# --- ledger guarantees in the schema, and the audit ----------------------------------------
+
+
+def test_second_refund_is_impossible_in_the_schema(manager: Any) -> None:
+    funded(manager, "a")
+    job = manager.enqueue("a", "upscale_image", IMG).job
+    manager.cancel(job.id)
+    with pytest.raises(IntegrityError):
+        with manager.store.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO aiqueue_ledger (user_id, job_id, kind, amount, created_at)"
+                    " SELECT user_id, job_id, kind, amount, created_at FROM aiqueue_ledger"
+                    " WHERE job_id = :id AND kind = 'refund'"
+                ),
+                {"id": job.id},
+            )
+
+
+def test_refund_audit_finds_fixes_and_names_tampering(manager: Any) -> None:
+    funded(manager, "a", "b", "c")
+    cancelled = manager.enqueue("a", "upscale_image", IMG).job
+    manager.cancel(cancelled.id)
+    completed = manager.enqueue("b", "upscale_image", IMG).job
+    manager.finish(completed.id, "completed")
+    edited = manager.enqueue("c", "upscale_video", {"video": "v"}).job
+    assert manager.refund_audit().ok
+    with manager.store.engine.begin() as conn:  # tamper behind the manager's back
+        conn.execute(text("DELETE FROM aiqueue_ledger WHERE job_id = :id AND kind = 'refund'"), {"id": cancelled.id})
+        conn.execute(text("UPDATE aiqueue_ledger SET amount = -1 WHERE job_id = :id"), {"id": edited.id})
+    audit = manager.refund_audit()
+    kinds = sorted((p.kind, p.job_id) for p in audit.problems)
+    assert ("missing_refund", cancelled.id) in kinds
+    assert ("wrong_amount", edited.id) in kinds
+    assert {p.user for p in audit.problems if p.kind == "balance_mismatch"} == {"a", "c"}
+    fixed = manager.refund_audit(fix=True)
+    assert ("missing_refund", cancelled.id) in [(p.kind, p.job_id) for p in fixed.fixed]
+    assert [p.kind for p in fixed.problems] == ["wrong_amount"]  # needs a human
+    assert manager.balance("a").balance == 100
+    again = manager.refund_audit(fix=True)
+    assert again.fixed == [] and [p.kind for p in again.problems] == ["wrong_amount"]
+
+
+def test_refund_on_completed_job_is_named(manager: Any) -> None:
+    funded(manager, "a")
+    job = manager.enqueue("a", "upscale_image", IMG).job
+    manager.finish(job.id, "completed")
+    with manager.store.engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO aiqueue_ledger (user_id, job_id, kind, amount, created_at)"
+                 " SELECT user_id, id, 'refund', cost, created_at FROM aiqueue_jobs WHERE id = :id"),
+            {"id": job.id},
+        )
+    assert ("refund_on_completed", job.id) in [(p.kind, p.job_id) for p in manager.refund_audit().problems]
+
+
+def test_job_detail_has_history_and_ledger(manager: Any) -> None:
+    funded(manager, "a")
+    job = manager.enqueue("a", "upscale_image", IMG).job
+    manager.finish(job.id, "failed", error="boom at node 9")
+    detail = manager.job_detail(job.id)
+    assert [(e.from_status, e.to_status) for e in detail.events] == [
+        (None, "queued"), ("queued", "starting"), ("starting", "running"), ("running", "failed"),
+    ]
+    assert [e.kind for e in detail.ledger] == ["charge", "refund"]
+    assert all(e.at.tzinfo is not None for e in detail.events)
+    with pytest.raises(UnknownJobError):
+        manager.job_detail(12345)
