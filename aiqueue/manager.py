@@ -227,7 +227,7 @@ class QueueManager:
                 current = tx.get_job(job_id)
                 if current is None or current.status != seen.status:
                     return current
-                return self._end(tx, current, Status.CANCELLED, detail, error=f"cancelled: {note}")
+                return self._end(tx, current, Status.CANCELLED, detail, error=note)
 
             ended = self.store.run(tx_fn)
             if isinstance(ended, _Ended):
