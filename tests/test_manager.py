@@ -466,3 +466,28 @@ def test_job_detail_has_history_and_ledger(manager: Any) -> None:
     assert all(e.at.tzinfo is not None for e in detail.events)
     with pytest.raises(UnknownJobError):
         manager.job_detail(12345)
+
+
+def test_cancel_while_submitting_cancels_the_accepted_task(make_manager: Any, fake_hub: Any) -> None:
+    import threading
+    import time
+
+    submitter, operator = make_manager(), make_manager()  # two "processes" on one database
+    funded(submitter, "a")
+    job = submitter.enqueue("a", "upscale_image", IMG, start=False).job
+    fake_hub.script_submits(["delay:1.0"])  # the provider accepts, slowly
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(fill=submitter.process_next()))
+    thread.start()
+    deadline = time.time() + 5
+    while operator.job_detail(job.id).job.status is not Status.STARTING and time.time() < deadline:
+        time.sleep(0.01)
+    cancelled = operator.cancel(job.id, reason="too slow")
+    thread.join()
+    assert cancelled.changed and cancelled.refunded == 5
+    assert result["fill"].started == []  # the late acceptance did not resurrect it
+    final = operator.job_detail(job.id).job
+    assert final.status is Status.CANCELLED and final.provider_task_id is None
+    [task] = fake_hub.tasks.values()
+    assert task.status == "CANCEL"  # the accepted task was cancelled at the provider
+    assert_clean(operator)
