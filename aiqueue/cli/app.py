@@ -1,0 +1,340 @@
+"""The Typer app: thin commands (parse, call one QueueManager method, render) and main(), the one
+place errors become exit codes.
+
+Kept cheap to import: the manager, the store (SQLAlchemy) and the provider (httpx) are reached
+through `wiring` inside the commands, and rich only when a table is drawn, so `--help` and
+argument errors stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
+
+import typer
+from typer.main import get_command
+
+from aiqueue.cli import params, render, wiring
+from aiqueue.errors import AiqueueError, AuditProblemsError, UsageError
+
+if TYPE_CHECKING:
+    from aiqueue.manager import QueueManager
+
+# --- options and arguments, each declared once ---------------------------------------------------
+
+
+class FinishStatus(str, Enum):
+    completed = "completed"
+    failed = "failed"
+
+
+Text = Optional[str]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (errors on stderr).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", metavar="PATH", show_default=False,
+    help="Config file. Default: $AIQUEUE_CONFIG, else ./aiqueue.toml, else ~/.config/aiqueue/config.toml.")]
+DbOpt = Annotated[Text, typer.Option(
+    "--db", metavar="URL", show_default=False,
+    help="Database URL; overrides $AIQUEUE_DATABASE_URL and database.url.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for unexpected errors.")]
+JobIdArg = Annotated[int, typer.Argument(metavar="JOB_ID", parser=params.job_id, show_default=False)]
+OptionalJobIdArg = Annotated[Optional[int], typer.Argument(
+    metavar="JOB_ID", parser=params.job_id, show_default=False)]
+UserArg = Annotated[str, typer.Argument(metavar="USER", show_default=False, help="User id.")]
+AmountArg = Annotated[str, typer.Argument(metavar="AMOUNT", show_default=False, help="A positive integer.")]
+NoteOpt = Annotated[Text, typer.Option("--note", metavar="TEXT", help="Why (kept in the ledger).")]
+LimitOpt = Annotated[Optional[int], typer.Option(
+    "--limit", metavar="N", min=1, max=1_000_000, show_default=False, help="Show at most N rows.")]
+UserFilterOpt = Annotated[Text, typer.Option("--user", metavar="USER", help="Only this user's entries.")]
+JobFilterOpt = Annotated[Optional[int], typer.Option(
+    "--job", metavar="ID", parser=params.job_id, help="Only this job's entries.")]
+UserOpt = Annotated[str, typer.Option("--user", metavar="USER", show_default=False, help="Who pays.")]
+ToolOpt = Annotated[str, typer.Option("--tool", metavar="TOOL", show_default=False, help="A tool from the config.")]
+InputOpt = Annotated[Optional[list[str]], typer.Option(
+    "--input", metavar="NAME=VALUE", help="A tool input (repeatable).")]
+NoStartOpt = Annotated[bool, typer.Option("--no-start", help="Only queue it; do not fill free slots.")]
+FinishStatusOpt = Annotated[Optional[FinishStatus], typer.Option("--status", help="How the job ended.")]
+ErrorOpt = Annotated[Text, typer.Option("--error", metavar="MSG", help="The provider's real failure message.")]
+OutputOpt = Annotated[Optional[list[str]], typer.Option(
+    "--output", metavar="URL", help="An output URL (repeatable).")]
+WebhookOpt = Annotated[Text, typer.Option(
+    "--webhook", metavar="FILE|-", help="A raw RunningHub webhook body; '-' reads stdin.")]
+ReasonOpt = Annotated[Text, typer.Option("--reason", metavar="TEXT", help="Why (kept in the job's history).")]
+OlderThanOpt = Annotated[Text, typer.Option(
+    "--older-than", metavar="DURATION", show_default=False,
+    help="End jobs holding a slot longer than this (90s, 10m, 1h). Default: queue.stale_after.")]
+FixOpt = Annotated[bool, typer.Option("--fix", help="Add missing refunds and reset cached balances.")]
+PortOpt = Annotated[int, typer.Option("--port", metavar="N", min=0, max=65535, help="0 picks a free port.")]
+ApiKeyOpt = Annotated[Text, typer.Option(
+    "--api-key", metavar="KEY", show_default=False, help="Refuse other keys (default: accept any).")]
+
+
+@dataclass(frozen=True)
+class Globals:
+    config: Path | None
+    db: str | None
+    json: bool  # `aiqueue --json status` works as well as `aiqueue status --json`
+
+
+app = typer.Typer(
+    name="aiqueue",
+    help="Run a queue of paid AI jobs on RunningHub: global slots, one FIFO, a credit ledger.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
+credits_app = typer.Typer(help="Credits: grants, balances and the ledger.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(credits_app, name="credits")
+
+
+@app.callback()
+def root(
+    ctx: typer.Context, config: ConfigOpt = None, db: DbOpt = None, debug: DebugOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    # Settings load lazily in _manager(): `aiqueue enqueue --help` must not need a valid config.
+    # --debug and --json are also read by main() from argv, as errors may come before this runs.
+    ctx.obj = Globals(config=config, db=db, json=as_json)
+
+
+def _globals(ctx: typer.Context) -> Globals:
+    options = ctx.find_object(Globals)
+    assert options is not None
+    return options
+
+
+def _manager(ctx: typer.Context) -> QueueManager:
+    options = _globals(ctx)
+    return ctx.with_resource(wiring.managed(options.config, options.db))
+
+
+def _show(ctx: typer.Context, as_json: bool, result: render.Result, table: Callable[[Any, Any], None]) -> None:
+    render.show(as_json or _globals(ctx).json, result, table)
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+@db_app.command("init")
+def db_init(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Create the schema if it is missing (idempotent)."""
+    from aiqueue.settings import mask_url
+
+    manager = _manager(ctx)
+    created = manager.init_db()
+    answer = render.SchemaInit(created, mask_url(manager.settings.database_url))
+    _show(ctx, as_json, answer, render.render_db_init)
+
+
+# ignore_unknown_options: "-5" reaches AMOUNT (and its clear message) instead of "No such option".
+@credits_app.command("grant", context_settings={"ignore_unknown_options": True})
+def credits_grant(
+    ctx: typer.Context, user: UserArg, amount: AmountArg, note: NoteOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Add credits to a user's balance."""
+    credits = params.positive_int(amount, "AMOUNT")
+    _show(ctx, as_json, _manager(ctx).grant(user, credits, note), render.render_grant)
+
+
+@credits_app.command("balance")
+def credits_balance(ctx: typer.Context, user: UserArg, as_json: JsonOpt = False) -> None:
+    """A user's balance."""
+    _show(ctx, as_json, _manager(ctx).balance(user), render.render_balance)
+
+
+@credits_app.command("ledger")
+def credits_ledger(
+    ctx: typer.Context, user: UserFilterOpt = None, job: JobFilterOpt = None, limit: LimitOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ledger entries (grants, charges, refunds), oldest first."""
+    entries = _manager(ctx).ledger(user=user, job_id=job, limit=limit)
+    _show(ctx, as_json, render.Entries(entries), render.render_entries)
+
+
+@app.command()
+def enqueue(
+    ctx: typer.Context, user: UserOpt, tool: ToolOpt, inputs: InputOpt = None, no_start: NoStartOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Charge the tool's cost and queue a job; start it at once when a slot is free."""
+    given = params.inputs(inputs)
+    _show(ctx, as_json, _manager(ctx).enqueue(user, tool, given, start=not no_start), render.render_enqueue)
+
+
+@app.command()
+def status(
+    ctx: typer.Context, job_id: OptionalJobIdArg = None, limit: LimitOpt = None, as_json: JsonOpt = False
+) -> None:
+    """The running slots and the queue; or, with JOB_ID, one job with its events and ledger."""
+    if job_id is None:
+        _show(ctx, as_json, _manager(ctx).status(limit), render.render_status)
+    elif limit is not None:
+        raise UsageError("--limit lists the queue; it does not go with JOB_ID")
+    else:
+        _show(ctx, as_json, _manager(ctx).job_detail(job_id), render.render_job_detail)
+
+
+@app.command("process-next")
+def process_next(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """End stale jobs, then fill every free slot in FIFO order."""
+    _show(ctx, as_json, _manager(ctx).process_next(), render.render_process)
+
+
+@app.command()
+def finish(
+    ctx: typer.Context, job_id: OptionalJobIdArg = None, outcome: FinishStatusOpt = None, error: ErrorOpt = None,
+    outputs: OutputOpt = None, webhook: WebhookOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """End a started job by hand (JOB_ID --status), or apply a RunningHub webhook body (--webhook)."""
+    params.finish_mode(job_id, outcome, error, outputs, webhook)
+    if webhook is not None:
+        from aiqueue.webhooks import MAX_BODY_BYTES
+
+        result = _manager(ctx).finish_webhook(params.webhook_body(webhook, MAX_BODY_BYTES))
+    else:
+        assert job_id is not None and outcome is not None
+        result = _manager(ctx).finish(job_id, outcome.value, error=error, outputs=outputs)
+    _show(ctx, as_json, result, render.render_finish)
+
+
+@app.command()
+def cancel(ctx: typer.Context, job_id: JobIdArg, reason: ReasonOpt = None, as_json: JsonOpt = False) -> None:
+    """Cancel a queued, starting or running job (at the provider too) and refund it."""
+    _show(ctx, as_json, _manager(ctx).cancel(job_id, reason), render.render_finish)
+
+
+@app.command()
+def cleanup(ctx: typer.Context, older_than: OlderThanOpt = None, as_json: JsonOpt = False) -> None:
+    """End jobs that held their slot too long (asking the provider first), then start the next."""
+    limit = params.duration(older_than, "--older-than")
+    _show(ctx, as_json, _manager(ctx).cleanup(limit), render.render_cleanup)
+
+
+@app.command("refund-audit")
+def refund_audit(ctx: typer.Context, fix: FixOpt = False, as_json: JsonOpt = False) -> None:
+    """Check jobs against the ledger; exit 10 unless it is clean (after --fix)."""
+    result = _manager(ctx).refund_audit(fix=fix)
+    _show(ctx, as_json, result, render.render_audit)
+    if not result.ok:
+        raise typer.Exit(AuditProblemsError.exit_code)
+
+
+@app.command("fake-runninghub")
+def fake_runninghub(
+    ctx: typer.Context, port: PortOpt = 0, api_key: ApiKeyOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Serve a fake RunningHub on 127.0.0.1 until Ctrl-C (for tests, the demo, rehearsals)."""
+    from aiqueue.provider.fake_server import serve_forever_cli
+
+    try:
+        hub = serve_forever_cli(port, api_key)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}", port=port) from None
+    # SIGTERM (kill, a supervisor) ends it like Ctrl-C does: cleanly, exit 0.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _show(ctx, as_json, render.ServerInfo(hub.base_url), render.render_server)
+        hub.wait()
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how an operator ends a rehearsal
+    finally:
+        hub.stop()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+# --- the one catch point ------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Console-script entry point: run the app, turn every error into one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    # Read from argv, not from the parsed options: errors can happen before parsing finishes.
+    options = args[: args.index("--")] if "--" in args else args
+    as_json, debug = "--json" in options, "--debug" in options
+    try:
+        code = get_command(app).main(args=args, prog_name="aiqueue", standalone_mode=False)
+        raise SystemExit(code if isinstance(code, int) else 0)
+    except AiqueueError as err:
+        _fail(err, as_json)
+    except (KeyboardInterrupt, typer.Abort):
+        _fail(_with_code(AiqueueError("interrupted"), 130), as_json)
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away: nothing left to say to anyone.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
+    except Exception as exc:  # noqa: BLE001 - the catch point: one line, traceback only on request
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `aiqueue` or `aiqueue credits`
+            _print_help(exc)
+        if _is_click_error(exc):  # bad option, missing argument, bad value...
+            _fail(_usage(exc), as_json)
+        if debug:
+            traceback.print_exc()
+        message = f"unexpected {type(exc).__name__}: {_first_line(exc)}"
+        if not debug:
+            message += " (run with --debug for the traceback)"
+        _fail(AiqueueError(_scrub(message)), as_json)
+
+
+def _print_help(exc: Any) -> NoReturn:
+    # Help was asked for, not an error: typer's rich help is already on stdout; plain help is not.
+    text = str(exc.format_message())
+    if text.strip():
+        sys.stdout.write(text.rstrip("\n") + "\n")
+    raise SystemExit(0)
+
+
+def _fail(err: AiqueueError, as_json: bool) -> NoReturn:
+    sys.stdout.flush()
+    if as_json:
+        render.write_json({"error": err.to_dict()}, err=True)
+    else:
+        render.note("error: " + " ".join(err.message.split("\n")))  # one line, always
+    raise SystemExit(err.exit_code)
+
+
+def _with_code(err: AiqueueError, code: int) -> AiqueueError:
+    err.exit_code = code  # on the instance, so to_dict() reports the code the process exits with
+    return err
+
+
+def _is_click_error(exc: BaseException) -> bool:
+    # By name: typer vendors click in recent versions and uses the real one in older ones.
+    return any(cls.__name__ == "ClickException" for cls in type(exc).__mro__)
+
+
+def _usage(exc: Any) -> AiqueueError:
+    message = str(exc.format_message())
+    ctx: Any = getattr(exc, "ctx", None)
+    if ctx is not None:
+        message = f"{message.rstrip('.')}. See '{ctx.command_path} --help'."
+    code = getattr(exc, "exit_code", 1)
+    return UsageError(message) if code == 2 else _with_code(AiqueueError(message), code)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@")
+
+
+def _scrub(text: str) -> str:
+    """Unexpected messages come from libraries that may echo a DSN or the API key: mask both."""
+    text = _URL_PASSWORD.sub(r"\g<head>***@", text)
+    key = os.environ.get("RUNNINGHUB_API_KEY", "").strip()
+    return text.replace(key, "***") if key else text

@@ -1,0 +1,359 @@
+"""The one renderer: JSON for scripts, rich tables for people, both from the same result objects.
+
+JSON is plain `json.dumps(result.to_dict())` on stdout, never through rich. Tables go to stdout,
+talk (notes, warnings) to stderr. rich is imported only when a table is drawn; it already drops
+colour for NO_COLOR and for output that is not a terminal, so nothing here forces colour. Every
+text that came from a user or a provider is drawn as plain text (no markup, control characters
+escaped), so it cannot restyle or corrupt the terminal. The `render_*` functions take a console
+so that `aiqueue demo` can draw the same tables.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aiqueue.clock import SystemClock, format_duration
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from aiqueue.domain import (
+        AuditProblem,
+        AuditResult,
+        Balance,
+        CleanupResult,
+        EnqueueResult,
+        FinishResult,
+        GrantResult,
+        Job,
+        JobDetail,
+        JobEvent,
+        LedgerEntry,
+        ProcessResult,
+        QueueStatus,
+    )
+
+DASH = "-"
+
+
+class Result(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class SchemaInit:
+    """`db init`'s answer: the manager returns a bool, the contract wants an object."""
+
+    created: bool
+    database: str  # already masked
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"created": self.created, "database": self.database}
+
+
+@dataclass(frozen=True)
+class Entries:
+    """`credits ledger`'s answer: {"entries": [...]} around the manager's list."""
+
+    entries: Sequence[LedgerEntry]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"entries": [e.to_dict() for e in self.entries]}
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """`fake-runninghub`'s answer while it serves."""
+
+    base_url: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base_url": self.base_url}
+
+
+# --- the two channels -------------------------------------------------------------------------
+
+
+def write_json(payload: Any, *, err: bool = False) -> None:
+    stream = sys.stderr if err else sys.stdout
+    stream.write(json.dumps(payload) + "\n")
+    stream.flush()
+
+
+def note(message: str) -> None:
+    """Talk for people: stderr, one line, plain."""
+    sys.stderr.write(_plain(message) + "\n")
+    sys.stderr.flush()
+
+
+def stdout_console() -> Console:
+    from rich.console import Console
+
+    # markup/emoji/highlight off: cells hold data, not rich markup; colour only for terminals.
+    return Console(markup=False, emoji=False, highlight=False)
+
+
+def show(as_json: bool, result: Result, table: Callable[[Console, Any], None]) -> None:
+    """The whole output of a command: `result.to_dict()` as JSON, or `table(console, result)`."""
+    if as_json:
+        write_json(result.to_dict())
+    else:
+        table(stdout_console(), result)
+
+
+def render_server(console: Console, info: ServerInfo) -> None:
+    _line(console, info.base_url)  # stdout holds only the URL, for scripts
+    note("fake RunningHub serving on 127.0.0.1; Ctrl-C to stop")
+
+
+# --- schema and credits -----------------------------------------------------------------------
+
+
+def render_db_init(console: Console, result: SchemaInit) -> None:
+    state = "created" if result.created else "already present"
+    _line(console, f"aiqueue schema {state} in {result.database}")
+
+
+def render_grant(console: Console, result: GrantResult) -> None:
+    _line(console, f"granted {result.entry.amount} credits to {_plain(result.entry.user)}"
+                   f" (ledger entry {result.entry.id}); balance {result.balance}")
+
+
+def render_balance(console: Console, balance: Balance) -> None:
+    _line(console, f"{_plain(balance.user)}: {balance.balance} credits")
+
+
+def render_entries(console: Console, result: Entries) -> None:
+    render_ledger(console, result.entries)
+
+
+def render_ledger(console: Console, entries: Sequence[LedgerEntry], title: str | None = "Ledger") -> None:
+    table = _table(title, ("entry", R), ("at (UTC)", L), ("user", W), ("job", R), ("kind", L),
+                   ("amount", R), ("note", W))
+    for entry in entries:
+        table.add_row(
+            _cell(entry.id), _cell(_when(entry.created_at)), _cell(entry.user), _cell(entry.job_id),
+            _cell(entry.kind), _cell(f"{entry.amount:+d}"), _cell(entry.note),
+        )
+    _print_table(console, table, len(entries), "no ledger entries")
+
+
+# --- the queue --------------------------------------------------------------------------------
+
+
+def render_status(console: Console, status: QueueStatus, now: datetime | None = None) -> None:
+    now = now or SystemClock().now()
+    paused = " - queue paused" if status.paused else ""
+    slots = _table(f"Running slots: {len(status.running)}/{status.limit} in use{paused}",
+                   ("slot", R), ("job", R), ("user", W), ("tool", W), ("provider task", L),
+                   ("running for", R))
+    for job in status.running:
+        task = job.provider_task_id or f"({job.status})"
+        slots.add_row(_cell(job.slot), _cell(job.id), _cell(job.user), _cell(job.tool),
+                      _cell(task), _cell(_since(job.started_at, now)))
+    _print_table(console, slots, len(status.running), "no job holds a slot")
+
+    queue = _table(f"Queue: {status.queued_total} waiting", ("position", R), ("job", R), ("user", W),
+                   ("tool", W), ("waiting for", R))
+    for job in status.queued:
+        queue.add_row(_cell(job.position), _cell(job.id), _cell(job.user), _cell(job.tool),
+                      _cell(_since(job.created_at, now)))
+    more = status.queued_total - len(status.queued)
+    if more > 0:
+        queue.caption = f"… and {more} more"
+    _print_table(console, queue, len(status.queued), "nothing is queued")
+
+
+def render_job_detail(console: Console, detail: JobDetail, now: datetime | None = None) -> None:
+    from rich.panel import Panel
+    from rich.table import Table
+
+    job = detail.job
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    rows: list[tuple[str, Any]] = [
+        ("status", job.status),
+        ("user", job.user),
+        ("tool", job.tool),
+        ("cost", job.cost),
+        ("position", job.position),
+        ("slot", job.slot),
+        ("provider task", job.provider_task_id),
+        ("inputs", ", ".join(f"{k}={v}" for k, v in job.inputs.items()) or None),
+        ("outputs", "\n".join(job.outputs) or None),
+        ("error", job.error),
+        ("created", _when(job.created_at)),
+        ("started", _when(job.started_at)),
+        ("finished", _when(job.finished_at)),
+    ]
+    for key, value in rows:
+        grid.add_row(key, _text(value))
+    console.print(Panel(grid, title=f"job {job.id}", title_align="left", expand=False))
+    render_events(console, detail.events)
+    render_ledger(console, detail.ledger, title=f"Ledger of job {job.id}")
+
+
+def render_events(console: Console, events: Sequence[JobEvent]) -> None:
+    table = _table("Events", ("at (UTC)", L), ("from", L), ("to", L), ("detail", W))
+    for event in events:
+        table.add_row(_cell(_when(event.at)), _cell(event.from_status), _cell(event.to_status),
+                      _cell(event.detail))
+    _print_table(console, table, len(events), "no events")
+
+
+def render_jobs(console: Console, title: str, rows: Sequence[tuple[str, Job]], empty: str) -> None:
+    """Jobs a command touched, one per row, with what happened to each."""
+    if not rows:
+        if empty:
+            _line(console, empty)
+        return
+    table = _table(title, ("outcome", L), ("job", R), ("user", W), ("tool", W), ("status", L),
+                   ("detail", W))
+    for outcome, job in rows:
+        table.add_row(_cell(outcome), _cell(job.id), _cell(job.user), _cell(job.tool),
+                      _cell(job.status), _cell(_detail(job)))
+    _print_table(console, table, len(rows), empty)
+
+
+def render_enqueue(console: Console, result: EnqueueResult) -> None:
+    job = result.job
+    _line(console, f"job {job.id} for {_plain(job.user)}: {_plain(job.tool)}, {_state(job)}; charged {job.cost}")
+    others = [(o, j) for o, j in _process_rows(result.process) if j.id != job.id]
+    if others:
+        render_jobs(console, "Also moved by this enqueue", others, "")
+
+
+def render_process(console: Console, result: ProcessResult) -> None:
+    render_jobs(console, "process-next", _process_rows(result),
+                "nothing to do: no free slot, nothing queued or the queue is paused")
+
+
+def render_finish(console: Console, result: FinishResult) -> None:
+    if result.job is None:  # a webhook for a task no job has: the message says so
+        _line(console, _plain(result.message or "nothing changed: no job has this provider task"))
+    elif not result.changed:
+        _line(console, f"nothing changed: {_plain(result.message or _state(result.job))}")
+    else:
+        refund = f"; refunded {result.refunded} credits" if result.refunded else ""
+        _line(console, f"job {result.job.id}: {_state(result.job)}{refund}")
+        if result.message:
+            _line(console, _plain(result.message))
+    if result.process.started or result.process.failed or result.process.requeued:
+        render_jobs(console, "Next jobs", _process_rows(result.process), "")
+
+
+def render_cleanup(console: Console, result: CleanupResult) -> None:
+    rows = ([("expired", j) for j in result.expired] + [("completed", j) for j in result.completed]
+            + [("failed", j) for j in result.failed] + _process_rows(result.process))
+    render_jobs(console, "cleanup", rows, "nothing to clean up: no job held its slot too long")
+
+
+def render_audit(console: Console, result: AuditResult) -> None:
+    if result.fixed:
+        _problems(console, "Fixed", result.fixed)
+    if result.ok:
+        _line(console, "refund audit: the ledger is clean")
+        return
+    _problems(console, "Refund audit problems", result.problems)
+    fixable = sum(1 for p in result.problems if p.fixable)
+    hint = f"; {fixable} fixable with --fix" if fixable else ""
+    note(f"refund audit found {len(result.problems)} problem(s){hint}")
+
+
+def _problems(console: Console, title: str, problems: Sequence[AuditProblem]) -> None:
+    table = _table(title, ("kind", L), ("job", R), ("user", W), ("detail", W))
+    for p in problems:
+        table.add_row(_cell(p.kind), _cell(p.job_id), _cell(p.user), _cell(p.detail))
+    _print_table(console, table, len(problems), "none")
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _process_rows(result: ProcessResult) -> list[tuple[str, Job]]:
+    return ([("expired", j) for j in result.expired] + [("started", j) for j in result.started]
+            + [("requeued", j) for j in result.requeued] + [("failed", j) for j in result.failed]
+            + [("unknown", j) for j in result.unknown])
+
+
+def _state(job: Job) -> str:
+    if job.status == "queued":
+        return f"queued at position {job.position}"
+    if job.status == "running":
+        return f"running as provider task {job.provider_task_id}"
+    if job.error:
+        error = _plain(job.error)
+        return error if error.startswith(str(job.status)) else f"{job.status}: {error}"
+    return str(job.status)
+
+
+def _detail(job: Job) -> str | None:
+    if job.error:
+        return job.error
+    if job.status == "queued":
+        return f"position {job.position}"
+    if job.outputs:
+        return " ".join(job.outputs)
+    return f"task {job.provider_task_id}" if job.provider_task_id else None
+
+
+# Column kinds: short values kept on one line (left or right aligned), and free text that wraps
+# to fit 80 columns.
+L, R, W = "left", "right", "wrap"
+
+
+def _table(title: str | None, *columns: tuple[str, str]) -> Table:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for header, kind in columns:
+        wrap = kind == W
+        table.add_column(header, justify="right" if kind == R else "left", no_wrap=not wrap,
+                         overflow="fold", ratio=1 if wrap else None)
+    return table
+
+
+def _print_table(console: Console, table: Table, rows: int, empty: str) -> None:
+    if rows == 0 and empty and not table.caption:
+        table.caption = empty
+    console.print(table)
+
+
+def _cell(value: Any) -> Any:
+    return _text(value)
+
+
+def _line(console: Console, text: str) -> None:
+    # soft_wrap: a message stays one line however wide, so scripts can grep it.
+    console.print(text, soft_wrap=True)
+
+
+def _text(value: Any) -> Any:
+    from rich.text import Text
+
+    return Text(DASH if value is None else _plain(str(value)))
+
+
+def _plain(text: str) -> str:
+    """Escape control characters (ANSI escapes, carriage returns) in text we did not write."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch == "\n" else ascii(ch)[1:-1] for ch in text)
+
+
+def _when(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _since(value: datetime | None, now: datetime) -> str:
+    return DASH if value is None else format_duration(now - value)
