@@ -105,6 +105,8 @@ class QueueManager:
         """Ledger entries, oldest first, optionally for one user or one job."""
         if user is not None:
             user = _check_user(user)
+        if job_id is not None:
+            job_id = _check_job_id(job_id)
         return self.store.read(lambda tx: tx.ledger_entries(user, job_id, limit))
 
     # --- the queue ------------------------------------------------------------------------
@@ -160,6 +162,7 @@ class QueueManager:
 
     def job_detail(self, job_id: int) -> JobDetail:
         """One job with its position (when queued), its status history and its ledger entries."""
+        job_id = _check_job_id(job_id)
 
         def tx_fn(tx: Tx) -> JobDetail:
             job = tx.get_job(job_id)
@@ -190,6 +193,7 @@ class QueueManager:
             raise UsageError("a failed job needs its real error message: give --error")
         if target is Status.COMPLETED and error:
             raise UsageError("--error goes with --status failed")
+        job_id = _check_job_id(job_id)
         outcome = TaskOutcome(
             kind="success" if target is Status.COMPLETED else "failed",
             outputs=list(outputs or []),
@@ -209,6 +213,7 @@ class QueueManager:
     def cancel(self, job_id: int, reason: str | None = None) -> FinishResult:
         """Cancel a queued, starting or running job (a running one at the provider too) and
         refund it."""
+        job_id = _check_job_id(job_id)
         note = reason.strip() if reason and reason.strip() else "cancelled by operator"
         provider_note: str | None = None
         for _ in range(_RETRIES):
@@ -531,6 +536,12 @@ def _check_user(user: str) -> str:
     if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs") for ch in user):
         raise UsageError("user id contains control or invisible characters")
     return user
+
+
+def _check_job_id(job_id: Any) -> int:
+    if isinstance(job_id, bool) or not isinstance(job_id, int) or not 1 <= job_id < 2**63:
+        raise UnknownJobError(f"no job with id {job_id}", job_id=str(job_id))
+    return job_id
 
 
 def _check_amount(amount: Any) -> int:

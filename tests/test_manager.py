@@ -491,3 +491,11 @@ def test_cancel_while_submitting_cancels_the_accepted_task(make_manager: Any, fa
     [task] = fake_hub.tasks.values()
     assert task.status == "CANCEL"  # the accepted task was cancelled at the provider
     assert_clean(operator)
+
+
+@pytest.mark.parametrize("job_id", [0, -1, 2**63, 2**64, True])
+def test_out_of_range_job_ids_are_unknown(manager: Any, job_id: Any) -> None:
+    for call in (lambda: manager.job_detail(job_id), lambda: manager.cancel(job_id),
+                 lambda: manager.finish(job_id, "completed"), lambda: manager.ledger(job_id=job_id)):
+        with pytest.raises(UnknownJobError):
+            call()

@@ -252,6 +252,25 @@ def fake_runninghub(
         hub.stop()
 
 
+@app.command()
+def demo(
+    ctx: typer.Context,
+    keep: Annotated[Optional[Path], typer.Option(
+        "--keep", metavar="DIR", help="Keep the demo's database and config in DIR.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a realistic session on a fresh SQLite file against a fake RunningHub on 127.0.0.1.
+
+    Example: aiqueue demo --keep ./demo-run
+    """
+    from aiqueue.cli.demo import run_demo
+
+    as_json = as_json or _globals(ctx).json
+    summary = run_demo(keep, as_json)
+    if as_json:
+        render.write_json(summary)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
