@@ -249,6 +249,17 @@ class CleanupResult:
 
 
 @dataclass(frozen=True)
+class UnmatchedWebhook:
+    id: int
+    task_id: str
+    received_at: datetime
+    body: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "task_id": self.task_id, "received_at": _iso(self.received_at), "body": self.body}
+
+
+@dataclass(frozen=True)
 class AuditProblem:
     kind: str  # missing_refund, refund_on_completed, missing_charge, wrong_amount, balance_mismatch
     job_id: int | None

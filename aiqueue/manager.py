@@ -8,6 +8,7 @@ starting the next job). Provider calls happen between transactions, never inside
 
 from __future__ import annotations
 
+import hashlib
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -33,6 +34,7 @@ from aiqueue.domain import (
     ProcessResult,
     QueueStatus,
     Status,
+    UnmatchedWebhook,
 )
 from aiqueue.errors import (
     ConflictError,
@@ -201,14 +203,37 @@ class QueueManager:
         )
         return self._finish(lambda tx: tx.get_job(job_id), outcome, source="operator", job_id=job_id)
 
+
     def finish_webhook(self, raw: bytes) -> FinishResult:
-        """Apply a raw RunningHub webhook body through the same path as finish. Duplicates and
-        unknown tasks change nothing; a malformed body raises InvalidWebhookError."""
+        """Apply a raw RunningHub webhook body through the same path as finish. The body is
+        kept in the inbox first (once per distinct body): one that arrives before its task id
+        is stored is applied as soon as the submit is recorded. Duplicates and unknown tasks
+        change nothing; a malformed body raises InvalidWebhookError and is not kept."""
         from aiqueue.webhooks import parse_webhook
 
         event = parse_webhook(raw)
-        return self._finish(lambda tx: tx.get_job_by_task(event.task_id), event.outcome, source="webhook",
-                            task_id=event.task_id)
+        digest = hashlib.sha256(raw).hexdigest()
+        body = raw.decode("utf-8")
+
+        def tx_fn(tx: Tx) -> FinishResult:
+            now = self.clock.now()
+            inbox_id, _ = tx.store_webhook(event.task_id, digest, body, now)
+            job = tx.get_job_by_task(event.task_id)
+            if job is None:
+                return FinishResult(
+                    job=None, changed=False,
+                    message=f"no job has provider task {event.task_id} yet; kept as unmatched webhook {inbox_id}",
+                )
+            result = self._apply(tx, job, event.outcome, "webhook", strict=False)
+            tx.mark_webhook(inbox_id, job.id, result.message or f"job {job.id} {result.job.status}", now)
+            return result
+
+        return self._after(self.store.run(tx_fn))
+
+    def unmatched_webhooks(self) -> list[UnmatchedWebhook]:
+        """Webhooks kept in the inbox whose task no job has (yet), oldest first."""
+        rows = self.store.read(lambda tx: tx.unapplied_webhooks())
+        return [UnmatchedWebhook(id=r.id, task_id=r.task_id, received_at=r.received_at, body=r.body) for r in rows]
 
     def cancel(self, job_id: int, reason: str | None = None) -> FinishResult:
         """Cancel a queued, starting or running job (a running one at the provider too) and
@@ -268,43 +293,46 @@ class QueueManager:
     # --- internals ------------------------------------------------------------------------
 
     def _finish(
-        self, lookup: Callable[[Tx], Job | None], outcome: TaskOutcome, *, source: str, **ids: Any
+        self, lookup: Callable[[Tx], Job | None], outcome: TaskOutcome, *, source: str, job_id: int
     ) -> FinishResult:
-        target = Status.COMPLETED if outcome.kind == "success" else Status.FAILED
+        def tx_fn(tx: Tx) -> FinishResult:
+            job = lookup(tx)
+            if job is None:
+                raise UnknownJobError(f"no job with id {job_id}", job_id=job_id)
+            return self._apply(tx, job, outcome, source, strict=True)
+
+        return self._after(self.store.run(tx_fn))
+
+    def _after(self, result: FinishResult) -> FinishResult:
+        """A slot was freed: start the next jobs (the same fill as process_next)."""
+        return replace(result, process=self._fill()) if result.changed else result
+
+    def _apply(self, tx: Tx, job: Job, outcome: TaskOutcome, source: str, *, strict: bool) -> FinishResult:
+        """End `job` as the outcome says, inside the caller's transaction. A terminal job is a
+        duplicate (or, when strict, a conflicting request); a queued one was never started."""
         if outcome.kind not in ("success", "failed"):
             raise UsageError(f"a finish needs success or failure, not {outcome.kind}")
+        target = Status.COMPLETED if outcome.kind == "success" else Status.FAILED
         detail = f"{source}: " + ("completed" if target is Status.COMPLETED else (outcome.message or "failed"))
-
-        def tx_fn(tx: Tx) -> FinishResult:
-            for _ in range(_RETRIES):
-                job = lookup(tx)
-                if job is None:
-                    if source == "webhook":
-                        return FinishResult(
-                            job=None, changed=False,
-                            message=f"no job has provider task {ids.get('task_id')}; nothing changed",
-                        )
-                    raise UnknownJobError(f"no job with id {ids.get('job_id')}", **ids)
-                if job.status in TERMINAL:
-                    return self._already(job, target, strict=source != "webhook")
-                if job.status is Status.QUEUED:
-                    raise WrongStateError(
-                        f"job {job.id} is queued and was never started: cancel it instead",
-                        job_id=job.id, status=str(job.status),
-                    )
-                ended = self._end(
-                    tx, job, target, detail,
-                    error=outcome.message if target is Status.FAILED else None,
-                    outputs=outcome.outputs,
+        for _ in range(_RETRIES):
+            if job.status in TERMINAL:
+                return self._already(job, target, strict=strict)
+            if job.status is Status.QUEUED:
+                raise WrongStateError(
+                    f"job {job.id} is queued and was never started: cancel it instead",
+                    job_id=job.id, status=str(job.status),
                 )
-                if ended is not None:
-                    return FinishResult(job=ended.job, changed=True, refunded=ended.refunded)
-            raise ConflictError("the job kept changing while being finished; try again", **ids)
-
-        result = self.store.run(tx_fn)
-        if result.changed:
-            result = replace(result, process=self._fill())
-        return result
+            ended = self._end(
+                tx, job, target, detail,
+                error=outcome.message if target is Status.FAILED else None,
+                outputs=outcome.outputs,
+            )
+            if ended is not None:
+                return FinishResult(job=ended.job, changed=True, refunded=ended.refunded)
+            current = tx.get_job(job.id)  # lost a race: look again
+            assert current is not None
+            job = current
+        raise ConflictError(f"job {job.id} kept changing while being finished; try again", job_id=job.id)
 
     def _already(self, job: Job, wanted: Status, *, strict: bool) -> FinishResult:
         if job.status is wanted or not strict:
@@ -402,9 +430,10 @@ class QueueManager:
             running = tx.transition(
                 job.id, [Status.STARTING], Status.RUNNING, now, provider_task_id=outcome.task_id, error=None
             )
-            if running is not None:
-                tx.add_event(job.id, Status.STARTING, Status.RUNNING, now, f"provider task {outcome.task_id}")
-            return running
+            if running is None:
+                return None
+            tx.add_event(job.id, Status.STARTING, Status.RUNNING, now, f"provider task {outcome.task_id}")
+            return self._apply_early_webhooks(tx, running)
         if outcome.kind == "busy":
             back = tx.transition(job.id, [Status.STARTING], Status.QUEUED, now, started_at=None)
             if back is None:
@@ -422,6 +451,18 @@ class QueueManager:
             return None
         tx.add_event(job.id, Status.STARTING, Status.STARTING, now, reason)
         return replace(job, error=reason)
+
+    def _apply_early_webhooks(self, tx: Tx, job: Job) -> Job:
+        """Webhooks that came before the task id was stored (a fast provider) apply now."""
+        from aiqueue.webhooks import parse_webhook
+
+        assert job.provider_task_id is not None
+        for row in tx.unapplied_webhooks(job.provider_task_id):
+            result = self._apply(tx, job, parse_webhook(row.body.encode("utf-8")).outcome, "early webhook",
+                                 strict=False)
+            job = result.job or job
+            tx.mark_webhook(row.id, job.id, result.message or f"job {job.id} {job.status}", self.clock.now())
+        return job
 
     def _expire(self, older_than: timedelta) -> CleanupResult:
         now = self.clock.now()

@@ -172,12 +172,25 @@ def enqueue(
     _show(ctx, as_json, _manager(ctx).enqueue(user, tool, given, start=not no_start), render.render_enqueue)
 
 
+UnmatchedOpt = Annotated[bool, typer.Option(
+    "--unmatched", help="List kept webhooks whose task no job has (yet).")]
+
+
 @app.command()
 def status(
-    ctx: typer.Context, job_id: OptionalJobIdArg = None, limit: LimitOpt = None, as_json: JsonOpt = False
+    ctx: typer.Context, job_id: OptionalJobIdArg = None, limit: LimitOpt = None,
+    unmatched: UnmatchedOpt = False, as_json: JsonOpt = False,
 ) -> None:
-    """The running slots and the queue; or, with JOB_ID, one job with its events and ledger."""
-    if job_id is None:
+    """The running slots and the queue; or, with JOB_ID, one job with its events and ledger.
+
+    Example: aiqueue status --limit 20; aiqueue status 42 --json; aiqueue status --unmatched
+    """
+    if unmatched:
+        if job_id is not None or limit is not None:
+            raise UsageError("--unmatched lists webhooks; it goes without JOB_ID and --limit")
+        result = render.Unmatched(_manager(ctx).unmatched_webhooks())
+        _show(ctx, as_json, result, render.render_unmatched)
+    elif job_id is None:
         _show(ctx, as_json, _manager(ctx).status(limit), render.render_status)
     elif limit is not None:
         raise UsageError("--limit lists the queue; it does not go with JOB_ID")

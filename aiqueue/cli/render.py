@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         LedgerEntry,
         ProcessResult,
         QueueStatus,
+        UnmatchedWebhook,
     )
 
 DASH = "-"
@@ -75,6 +76,16 @@ class ServerInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {"base_url": self.base_url}
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    """`status --unmatched`'s answer: {"webhooks": [...]}."""
+
+    webhooks: Sequence[UnmatchedWebhook]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"webhooks": [w.to_dict() for w in self.webhooks]}
 
 
 # --- the two channels -------------------------------------------------------------------------
@@ -168,6 +179,15 @@ def render_status(console: Console, status: QueueStatus, now: datetime | None = 
     if more > 0:
         queue.caption = f"… and {more} more"
     _print_table(console, queue, len(status.queued), "nothing is queued")
+
+
+def render_unmatched(console: Console, result: Unmatched) -> None:
+    table = _table("Unmatched webhooks (no job has their task yet)", ("inbox", "right"),
+                   ("received (UTC)", "left"), ("provider task", "left"), ("bytes", "right"))
+    for hook in result.webhooks:
+        table.add_row(_cell(hook.id), _cell(_when(hook.received_at)), _cell(hook.task_id),
+                      _cell(len(hook.body.encode("utf-8"))))
+    _print_table(console, table, len(result.webhooks), "every kept webhook matched a job")
 
 
 def render_job_detail(console: Console, detail: JobDetail, now: datetime | None = None) -> None:

@@ -30,7 +30,9 @@ Control it from Python (`script_submits`, `set_default_submit`, `finish_task`, `
 Admin errors are HTTP 400 (bad value) or 404 (unknown task or endpoint) with `{"error": "..."}`.
 
 Submit behaviours: accept, busy (421), busy415, reject:<code>, delay:<seconds>, hang (60 s or until
-stop, then the socket closes), drop (socket closed without an answer), http500, html.
+stop, then the socket closes), drop (socket closed without an answer), http500, html; and two where
+the task IS created: lost (then the socket closes unanswered) and late:<seconds> (the answer comes
+only after that long, so the task can finish and its webhook arrive first).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from urllib.parse import urlsplit
 
 from aiqueue.provider.codes import CODES
 
-SUBMIT_BEHAVIOURS = ("accept", "busy", "busy415", "hang", "drop", "http500", "html")
+SUBMIT_BEHAVIOURS = ("accept", "busy", "busy415", "hang", "drop", "http500", "html", "lost")
 HANG_SECONDS = 60.0
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
 DELIVERY_TIMEOUT = 5.0
@@ -70,7 +72,7 @@ def check_behaviour(behaviour: str) -> str:
         return behaviour
     if name == "reject" and argument.isdigit() and int(argument) != 0:
         return behaviour
-    if name == "delay":
+    if name in ("delay", "late"):
         try:
             seconds = float(argument)
         except ValueError:
@@ -79,7 +81,7 @@ def check_behaviour(behaviour: str) -> str:
             return behaviour
     raise ValueError(
         f"unknown submit behaviour {behaviour!r}; expected one of {', '.join(SUBMIT_BEHAVIOURS)}, "
-        "reject:<code>, delay:<seconds>"
+        "reject:<code>, delay:<seconds>, late:<seconds>"
     )
 
 
@@ -348,6 +350,12 @@ class FakeRunningHub:
                 node_info_list=list(body.get("nodeInfoList") or []),
                 webhook_url=webhook if isinstance(webhook, str) and webhook else None,
             )
+        # The task exists from here on: "lost" drops the answer (an unknown outcome for the client),
+        # "late" answers only after a while (a webhook may arrive before the answer does).
+        if name == "lost":
+            return _Reply(drop=True)
+        if name == "late" and self._stopping.wait(float(argument)):
+            return _Reply(drop=True)
         tips = json.dumps({"result": True, "error": None, "outputs_to_execute": ["9"], "node_errors": {}})
         client_id = uuid.uuid4().hex
         if v2:

@@ -15,7 +15,16 @@ from sqlalchemy.exc import IntegrityError
 from aiqueue.domain import HOLDS_SLOT, Job, JobEvent, LedgerEntry, LedgerKind, Status
 from aiqueue.errors import ActiveJobError, ConflictError
 from aiqueue.store import engine as _engine
-from aiqueue.store.tables import SCHEMA_VERSION, accounts, events, jobs, ledger, metadata, queue_state
+from aiqueue.store.tables import (
+    SCHEMA_VERSION,
+    accounts,
+    events,
+    jobs,
+    ledger,
+    metadata,
+    queue_state,
+    webhooks,
+)
 
 T = TypeVar("T")
 
@@ -55,7 +64,7 @@ class Store:
             # A never-analysed table can keep a sequential-scan plan in prepared statements.
             with self.engine.connect() as conn:
                 conn.exec_driver_sql("COMMIT")
-                for table in (jobs, events, accounts, ledger, queue_state):
+                for table in (jobs, events, accounts, ledger, queue_state, webhooks):
                     conn.exec_driver_sql(f"ANALYZE {table.name}")
         return created
 
@@ -328,6 +337,39 @@ class Tx:
         if limit is not None:
             query = query.limit(limit)
         return [_entry(r) for r in self.conn.execute(query)]
+
+    # --- the webhook inbox -----------------------------------------------------------------
+
+    def store_webhook(self, task_id: str, digest: str, body: str, now: datetime) -> tuple[int, bool]:
+        """Keep a webhook body (once per distinct body). Returns (inbox id, already applied)."""
+        try:
+            with self.conn.begin_nested():
+                new_id = self.conn.execute(
+                    insert(webhooks)
+                    .values(task_id=task_id, body_sha256=digest, body=body, received_at=now)
+                    .returning(webhooks.c.id)
+                ).scalar_one()
+                return int(new_id), False
+        except IntegrityError as exc:
+            if not _is(exc, "aiqueue_webhooks_body_sha256_key", "aiqueue_webhooks.body_sha256"):
+                raise
+        row = self.conn.execute(
+            select(webhooks.c.id, webhooks.c.applied_at).where(webhooks.c.body_sha256 == digest)
+        ).one()
+        return int(row.id), row.applied_at is not None
+
+    def mark_webhook(self, inbox_id: int, job_id: int | None, result: str, now: datetime) -> None:
+        self.conn.execute(
+            update(webhooks)
+            .where(webhooks.c.id == inbox_id, webhooks.c.applied_at.is_(None))
+            .values(applied_at=now, job_id=job_id, result=result)
+        )
+
+    def unapplied_webhooks(self, task_id: str | None = None) -> list[Row[Any]]:
+        query = select(webhooks).where(webhooks.c.applied_at.is_(None)).order_by(webhooks.c.id)
+        if task_id is not None:
+            query = query.where(webhooks.c.task_id == task_id)
+        return list(self.conn.execute(query))
 
     # --- the audit (each query streams; joins run in the database) -----------------------
 

@@ -164,6 +164,30 @@ class LedgerRow(SQLModel, table=True):
     note: str | None = _col(Text, nullable=True)
 
 
+class WebhookRow(SQLModel, table=True):
+    """The webhook inbox: every well-formed body is stored first (deduplicated by its hash), so
+    one that arrives before its task id is known is applied as soon as the job is."""
+
+    __tablename__ = "aiqueue_webhooks"
+    __table_args__ = (
+        Index(
+            "ix_aiqueue_webhooks_unapplied",
+            "task_id",
+            sqlite_where=text("applied_at IS NULL"),
+            postgresql_where=text("applied_at IS NULL"),
+        ),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True, autoincrement=True))
+    task_id: str = _col(String(64), nullable=False)
+    body_sha256: str = _col(String(64), nullable=False, unique=True)
+    body: str = _col(Text, nullable=False)
+    received_at: datetime = _col(UTCDateTime, nullable=False)
+    applied_at: datetime | None = _col(UTCDateTime, nullable=True)
+    job_id: int | None = _col(Integer, ForeignKey("aiqueue_jobs.id"), nullable=True)
+    result: str | None = _col(Text, nullable=True)
+
+
 class QueueStateRow(SQLModel, table=True):
     """One row. On PostgreSQL, claims lock it so that count-then-claim is serialised."""
 
@@ -180,4 +204,5 @@ events = JobEventRow.__table__  # type: ignore[attr-defined]
 accounts = AccountRow.__table__  # type: ignore[attr-defined]
 ledger = LedgerRow.__table__  # type: ignore[attr-defined]
 queue_state = QueueStateRow.__table__  # type: ignore[attr-defined]
+webhooks = WebhookRow.__table__  # type: ignore[attr-defined]
 metadata = SQLModel.metadata
