@@ -62,7 +62,15 @@ class _Ended:
     refunded: int
 
 
+def _no_fault(point: str) -> None:
+    """Crash points are inert in the product. The test suite's own runner (tests/crash_runner.py)
+    replaces QueueManager.fault in its process to kill itself at a named point; no flag,
+    variable or file turns them on."""
+
+
 class QueueManager:
+    fault: Callable[[str], None] = staticmethod(_no_fault)
+
     def __init__(
         self,
         store: Store,
@@ -138,6 +146,7 @@ class QueueManager:
                 )
             tx.add_ledger(user, job.id, LedgerKind.CHARGE, -spec.cost, now, f"{tool} job {job.id}")
             tx.add_event(job.id, None, Status.QUEUED, now, "enqueued")
+            self.fault("enqueue:after-charge")
             return replace(job, position=tx.position(job.id))
 
         job = self.store.run(tx_fn)
@@ -367,6 +376,7 @@ class QueueManager:
         refunded = 0
         if target in REFUNDED:
             entry = tx.add_ledger(job.user, job.id, LedgerKind.REFUND, job.cost, now, f"{target} job {job.id}")
+            self.fault("end:in-refund")
             if entry is not None:
                 tx.credit(job.user, job.cost, now)
                 refunded = job.cost
@@ -383,7 +393,10 @@ class QueueManager:
             job = self.store.run(self._claim)
             if job is None:
                 break
+            self.fault("fill:after-claim")
             outcome = self._submit(job)
+            if outcome.kind == "accepted":
+                self.fault("fill:after-accept")
             recorded = self.store.run(lambda tx, job=job, outcome=outcome: self._record(tx, job, outcome))
             if recorded is None:
                 # Cancelled or expired while we were submitting: the task must not run unpaid-for.
@@ -500,6 +513,7 @@ class QueueManager:
             ended = self.store.run(tx_fn)
             if ended is not None:
                 bucket.append(ended.job)
+                self.fault("cleanup:between-jobs")
         return CleanupResult(expired=expired, completed=completed, failed=failed)
 
     def _audit(self) -> list[AuditProblem]:

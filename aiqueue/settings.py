@@ -28,6 +28,7 @@ ENV_CONFIG = "AIQUEUE_CONFIG"
 ENV_DATABASE_URL = "AIQUEUE_DATABASE_URL"
 ENV_MAX_CONCURRENT = "AIQUEUE_MAX_CONCURRENT"
 ENV_API_KEY = "RUNNINGHUB_API_KEY"
+ENV_ALLOW_INSECURE = "AIQUEUE_ALLOW_INSECURE_CONFIG"
 
 PROVIDERS = ("runninghub",)
 DEFAULT_BASE_URL = "https://www.runninghub.ai"
@@ -474,6 +475,8 @@ def load_settings(
         origin = _Origin(label=f"config {path}", source="file", base=path.parent, path=path)
         values, tools = _parse_file(_read(path), origin)
         sources = dict.fromkeys(values, "file")
+        if "provider.api_key" in values:
+            _check_private(path, env)
 
     # Environment: empty variables count as unset, as shells make them easy to leave behind.
     for key, variable in (
@@ -504,6 +507,21 @@ def load_settings(
         config_path=path,
         sources=MappingProxyType({key: sources[key] for key in (*_FIELDS, "tools")}),
     )
+
+
+def _check_private(path: Path, env: Mapping[str, str]) -> None:
+    """A file holding the API key must not be readable by group or others (as ssh and libpq
+    insist for their keys), unless AIQUEUE_ALLOW_INSECURE_CONFIG=1 says so explicitly."""
+    if os.name != "posix" or env.get(ENV_ALLOW_INSECURE, "").strip() == "1":
+        return
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(
+            f"config {path} holds provider.api_key but is readable by others (mode {mode:04o}): "
+            f"run `chmod 600 {path}`, move the key to RUNNINGHUB_API_KEY, "
+            f"or set {ENV_ALLOW_INSECURE}=1",
+            path=str(path), key="provider.api_key",
+        )
 
 
 def _is_int(text: str) -> bool:

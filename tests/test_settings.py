@@ -58,6 +58,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(text))
+    path.chmod(0o600)  # a config may hold the API key: private, as load_settings insists
     return path
 
 
@@ -619,3 +620,22 @@ def test_import_is_cheap() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_config_with_api_key_must_be_private(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.toml", '[provider]\napi_key = "sk-private-123"\n')
+    path.chmod(0o644)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, env={})
+    message = str(err.value)
+    assert "chmod 600" in message and "0644" in message and "sk-private-123" not in message
+    assert "\n" not in message
+    path.chmod(0o640)
+    with pytest.raises(ConfigError):
+        load_settings(path, env={})
+    assert load_settings(path, env={"AIQUEUE_ALLOW_INSECURE_CONFIG": "1"}).api_key == "sk-private-123"
+    path.chmod(0o600)
+    assert load_settings(path, env={}).api_key == "sk-private-123"
+    no_key = write(tmp_path / "open.toml", '[queue]\nmax_concurrent = 2\n')
+    no_key.chmod(0o644)  # nothing secret in it: readable is fine
+    assert load_settings(no_key, env={}).max_concurrent == 2
