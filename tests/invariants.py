@@ -61,6 +61,27 @@ def _check(conn: Any, limit: int) -> list[str]:
     for user, n in active.items():  # I6
         if n > 1:
             problems.append(f"I6 user {user!r} has {n} active jobs")
+
+    # I7: each job's history is a chain of allowed steps ending in its current status, and
+    # nothing follows a terminal status.
+    from aiqueue.domain import TRANSITIONS, Status
+
+    history: dict[int, list[Any]] = {}
+    for e in conn.execute(text("SELECT job_id, from_status, to_status FROM aiqueue_job_events ORDER BY id")):
+        history.setdefault(e.job_id, []).append(e)
+    for job in jobs.values():
+        chain = history.get(job.id, [])
+        if not chain or chain[0].from_status is not None or chain[0].to_status != "queued":
+            problems.append(f"I7 job {job.id} history does not start with enqueued")
+            continue
+        for before, after in zip(chain, chain[1:]):
+            same = after.from_status == after.to_status == "starting"  # a note: submit outcome unknown
+            if after.from_status != before.to_status or not (
+                same or Status(after.to_status) in TRANSITIONS[Status(after.from_status)]
+            ):
+                problems.append(f"I7 job {job.id} moved {after.from_status}->{after.to_status} after {before.to_status}")
+        if chain[-1].to_status != job.status:
+            problems.append(f"I7 job {job.id} is {job.status} but its history ends {chain[-1].to_status}")
     return problems
 
 
