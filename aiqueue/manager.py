@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 
 MAX_CREDITS = 10**12  # one grant; far above any real top-up, far below BIGINT
 MAX_USER_LENGTH = 200
+MAX_INPUT_BYTES = 16 * 1024  # one input value (a path, a URL or a prompt), UTF-8
+MAX_NOTE_LENGTH = 2000  # notes, reasons and operator error messages
+MAX_OUTPUTS = 100
 _RETRIES = 5  # re-reads when a guarded update lost a race
 
 
@@ -94,6 +97,7 @@ class QueueManager:
         """Add credits to a user's balance with a `grant` ledger entry."""
         user = _check_user(user)
         amount = _check_amount(amount)
+        note = _check_text(note, "note")
         now = self.clock.now()
 
         def tx_fn(tx: Tx) -> GrantResult:
@@ -205,6 +209,12 @@ class QueueManager:
         if target is Status.COMPLETED and error:
             raise UsageError("--error goes with --status failed")
         job_id = _check_job_id(job_id)
+        error = _check_text(error, "error message")
+        outputs = list(outputs or [])
+        if len(outputs) > MAX_OUTPUTS or any(
+            not isinstance(url, str) or not url.strip() or len(url) > 4096 or _has_control(url) for url in outputs
+        ):
+            raise UsageError(f"outputs must be at most {MAX_OUTPUTS} non-empty URLs of at most 4096 characters")
         outcome = TaskOutcome(
             kind="success" if target is Status.COMPLETED else "failed",
             outputs=list(outputs or []),
@@ -248,6 +258,7 @@ class QueueManager:
         """Cancel a queued, starting or running job (a running one at the provider too) and
         refund it."""
         job_id = _check_job_id(job_id)
+        reason = _check_text(reason, "reason")
         note = reason.strip() if reason and reason.strip() else "cancelled by operator"
         provider_note: str | None = None
         for _ in range(_RETRIES):
@@ -593,6 +604,22 @@ def _check_user(user: str) -> str:
     return user
 
 
+def _has_control(text: str, allowed: str = "") -> bool:
+    return any(unicodedata.category(ch) in ("Cc", "Cs") and ch not in allowed for ch in text)
+
+
+def _check_text(value: str | None, what: str, limit: int = MAX_NOTE_LENGTH) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UsageError(f"{what} must be text")
+    if len(value) > limit:
+        raise UsageError(f"{what} is {len(value)} characters long; the limit is {limit}")
+    if _has_control(value, allowed="\t\n"):
+        raise UsageError(f"{what} contains control characters")
+    return value
+
+
 def _check_job_id(job_id: Any) -> int:
     if isinstance(job_id, bool) or not isinstance(job_id, int) or not 1 <= job_id < 2**63:
         raise UnknownJobError(f"no job with id {job_id}", job_id=str(job_id))
@@ -617,7 +644,15 @@ def _resolve_inputs(spec: ToolSpec, given: Mapping[str, str]) -> dict[str, str]:
     resolved: dict[str, str] = {}
     for name, item in spec.inputs.items():
         if name in given:
-            resolved[name] = str(given[name])
+            value = given[name]
+            if not isinstance(value, str):
+                raise InputError(f"input {name!r} must be text", tool=spec.name)
+            size = len(value.encode("utf-8", errors="replace"))
+            if size > MAX_INPUT_BYTES:
+                raise InputError(f"input {name!r} is {size} bytes; the limit is {MAX_INPUT_BYTES}", tool=spec.name)
+            if _has_control(value, allowed="\t\n\r"):
+                raise InputError(f"input {name!r} contains control characters", tool=spec.name)
+            resolved[name] = value
         elif item.default is not None:
             resolved[name] = item.default
         else:

@@ -499,3 +499,23 @@ def test_out_of_range_job_ids_are_unknown(manager: Any, job_id: Any) -> None:
                  lambda: manager.finish(job_id, "completed"), lambda: manager.ledger(job_id=job_id)):
         with pytest.raises(UnknownJobError):
             call()
+
+
+def test_hostile_text_is_refused_and_changes_nothing(manager: Any) -> None:
+    funded(manager, "a")
+    before = counts(manager)
+    for bad in ({"image": "x" * (16 * 1024 + 1)}, {"image": "a\x00b"}, {"image": "\x1b[31mred"}):
+        with pytest.raises(InputError):
+            manager.enqueue("a", "upscale_image", bad)
+    with pytest.raises(UsageError):
+        manager.grant("a", 5, note="n" * 2001)
+    with pytest.raises(UsageError):
+        manager.grant("a\u202e", 5)  # a right-to-left override in a user id
+    assert counts(manager) == before
+    ok = manager.enqueue("a", "upscale_image", {"image": "ünïcode prompt\twith tab\nand newline"}).job
+    assert ok.inputs["image"].startswith("ünïcode")
+    with pytest.raises(UsageError):
+        manager.cancel(ok.id, reason="bad\x00reason")
+    with pytest.raises(UsageError):
+        manager.finish(ok.id, "completed", outputs=[""])
+    assert manager.job_detail(ok.id).job.status is Status.RUNNING
