@@ -236,6 +236,7 @@ class QueueManager:
 
         def tx_fn(tx: Tx) -> FinishResult:
             now = self.clock.now()
+            tx.lock_task(event.task_id)
             inbox_id, _ = tx.store_webhook(event.task_id, digest, body, now)
             job = tx.get_job_by_task(event.task_id)
             if job is None:
@@ -305,8 +306,12 @@ class QueueManager:
         for problem in problems:
             if problem.kind == "missing_refund" and self._fix_refund(problem):
                 fixed.append(problem)
-        for problem in self._audit():
-            if problem.kind == "balance_mismatch" and self._fix_balance(problem.user):
+        remaining = self._audit()
+        # A user whose ledger rows are themselves wrong keeps the mismatch for a human: resetting
+        # the balance to a tampered sum would move credits along the tampering and hide it.
+        suspect = {p.user for p in remaining if p.kind != "balance_mismatch"}
+        for problem in remaining:
+            if problem.kind == "balance_mismatch" and problem.user not in suspect and self._fix_balance(problem.user):
                 fixed.append(problem)
         return AuditResult(problems=self._audit(), fixed=fixed)
 
@@ -451,6 +456,8 @@ class QueueManager:
     def _record(self, tx: Tx, job: Job, outcome: SubmitOutcome) -> Job | None:
         now = self.clock.now()
         if outcome.kind == "accepted":
+            assert outcome.task_id is not None
+            tx.lock_task(outcome.task_id)
             running = tx.transition(
                 job.id, [Status.STARTING], Status.RUNNING, now, provider_task_id=outcome.task_id, error=None
             )
@@ -543,6 +550,10 @@ class QueueManager:
                 problems.append(AuditProblem("wrong_amount", r.id, r.user_id,
                                              f"{r.kind} of {r.amount} for user {r.entry_user!r} on a job costing {r.cost}",
                                              fixable=False))
+                if r.entry_user != r.user_id:
+                    problems.append(AuditProblem("wrong_user", r.id, r.entry_user,
+                                                 f"{r.kind} of {r.amount} belongs to job {r.id} of user {r.user_id!r}",
+                                                 fixable=False))
             for r in tx.balance_mismatches():
                 problems.append(AuditProblem("balance_mismatch", None, r.user_id,
                                              f"cached balance {r.balance} but the ledger sums to {r.total}", fixable=True))

@@ -97,3 +97,40 @@ def test_status_unmatched_cli(tmp_path: Any) -> None:
     assert hook["task_id"] == "1990000000000001234"
     table = run("status", "--unmatched")
     assert b"1990000000000001234" in table.stdout
+
+
+def test_webhook_racing_the_task_id_record_is_never_lost(make_manager: Any, fake_hub: Any) -> None:
+    """process-next records the task id while the webhook for it arrives (threads released
+    together, the webhook 0-30 ms late). Under READ COMMITTED neither transaction would see the
+    other's row without the per-task lock; the webhook must always end up applied."""
+    import random
+
+    from aiqueue.provider.fake_server import FakeTask, _webhook_body
+
+    recorder, receiver = make_manager(), make_manager()
+    rng = random.Random(7)
+    for i in range(20):
+        user = f"u{i}"
+        recorder.grant(user, 50)
+        job = recorder.enqueue(user, "upscale_image", {"image": f"{i}.png"}, start=False).job
+        task_id = str(fake_hub._next_id)  # the fake hands out ids in sequence
+        body = _webhook_body(FakeTask(task_id=task_id, api="ai-app", webapp_id="1", workflow_id=None,
+                                      node_info_list=[], webhook_url=None, status="SUCCESS",
+                                      outputs=[f"https://cdn.example.com/{task_id}.png"]))
+        go = threading.Barrier(2)
+        delay = rng.uniform(0, 0.03)
+
+        def deliver(body: bytes = body, delay: float = delay, go: Any = go) -> None:
+            go.wait()
+            time.sleep(delay)
+            receiver.finish_webhook(body)
+
+        thread = threading.Thread(target=deliver)
+        thread.start()
+        go.wait()
+        recorder.process_next()
+        thread.join()
+        final = recorder.job_detail(job.id).job
+        assert (final.provider_task_id, final.status) == (task_id, Status.COMPLETED), f"round {i}"
+    assert recorder.unmatched_webhooks() == []
+    assert check_invariants(recorder.store.url, 3) == []

@@ -340,6 +340,14 @@ class Tx:
 
     # --- the webhook inbox -----------------------------------------------------------------
 
+    def lock_task(self, task_id: str) -> None:
+        """Serialise the transactions that link a provider task to a job: the one that stores
+        the task id and the one that keeps its webhook. Under READ COMMITTED neither would see
+        the other's uncommitted row, and the webhook would stay unmatched for ever. SQLite's
+        BEGIN IMMEDIATE already serialises them."""
+        if self.dialect == "postgresql":
+            self.conn.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(task_id, 0))))
+
     def store_webhook(self, task_id: str, digest: str, body: str, now: datetime) -> tuple[int, bool]:
         """Keep a webhook body (once per distinct body). Returns (inbox id, already applied)."""
         try:
