@@ -382,6 +382,7 @@ class QueueManager:
         index on the ledger makes a second refund impossible)."""
         assert target in TERMINAL and target in TRANSITIONS[job.status], (job.status, target)
         now = self.clock.now()
+        error, detail = self._redact(error), self._redact(detail) or detail
         values: dict[str, Any] = {"finished_at": now, "error": error}
         if outputs:
             values["outputs"] = outputs
@@ -513,6 +514,11 @@ class QueueManager:
                     error, bucket = answer.message or f"provider code {answer.code}", failed
                 else:
                     said = "still running" if answer.kind == "pending" else f"unreachable: {answer.message}"
+                    # Say why before cancelling: a cleanup running beside us will then hear
+                    # "cancelled" from the provider and keep this reason, not that echo.
+                    reason = f"timed out after {held} running (limit {limit}); provider: {said}"
+                    self.store.run(lambda tx, job=job, reason=reason: tx.set_job_fields(
+                        job.id, Status.RUNNING, self.clock.now(), error=reason))
                     cancel = self._get_provider().cancel(job.provider_task_id)
                     cancelled = "cancelled there" if cancel.ok else f"cancel failed: {cancel.message}"
                     error = f"timed out after {held} running (limit {limit}); provider: {said}, {cancelled}"
@@ -520,17 +526,24 @@ class QueueManager:
                 why = job.error or "the submit never returned"
                 error = f"timed out after {held} starting (limit {limit}); {why}"
             seen = job
+            timed_out: list[bool] = []
 
             def tx_fn(tx: Tx) -> _Ended | None:
+                timed_out.clear()  # the store may run this again after a deadlock
                 current = tx.get_job(seen.id)
                 if current is None or current.status != seen.status or current.started_at != seen.started_at:
                     return None  # someone else ended or restarted it meanwhile
+                if bucket is failed and current.error and current.error.startswith("timed out"):
+                    # Another cleanup timed it out and cancelled it: its reason is the real one.
+                    timed_out.append(True)
+                    return self._end(tx, current, Status.FAILED, f"cleanup: {current.error}",
+                                     error=f"{current.error}; provider: {error}")
                 return self._end(tx, current, target, f"cleanup: {error or 'provider reports success'}",
                                  error=error or None, outputs=outputs)
 
             ended = self.store.run(tx_fn)
             if ended is not None:
-                bucket.append(ended.job)
+                (expired if timed_out else bucket).append(ended.job)
                 self.fault("cleanup:between-jobs")
         return CleanupResult(expired=expired, completed=completed, failed=failed)
 
@@ -580,6 +593,16 @@ class QueueManager:
 
     def _fix_balance(self, user: str) -> bool:
         return self.store.run(lambda tx: tx.reset_balance_to_ledger(user, self.clock.now()))
+
+    def _redact(self, text: str | None) -> str | None:
+        """Provider text may echo our API key (a webhook is not scrubbed by the client)."""
+        if not text:
+            return text
+        key = self.settings.api_key
+        if key and len(key) >= 8:
+            text = text.replace(key, "***")
+        redact = getattr(self._provider, "redact", None)
+        return redact(text) if redact is not None else text
 
     def _job(self, job_id: int) -> Job:
         job = self.store.read(lambda tx: tx.get_job(job_id))

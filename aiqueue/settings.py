@@ -20,6 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiqueue.clock import parse_duration
 from aiqueue.errors import ConfigError
@@ -35,6 +36,7 @@ DEFAULT_BASE_URL = "https://www.runninghub.ai"
 MASK = "***"
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
+_KEY_CHARS = re.compile(r"[A-Za-z0-9._~+/=-]+")
 _SECRET_PARAM = re.compile(r"token|secret|key|pass|sig|auth", re.IGNORECASE)
 # Greedy up to the last '@': a raw '@', '/' or '?' inside a password must still be masked.
 _USERINFO = re.compile(r"(?P<user>[^:/?#@]*):(?P<password>.*)@")
@@ -202,9 +204,14 @@ def _int_text(value: Any, key: str, origin: _Origin, what: str) -> str:
     raise origin.error(key, f"must be {what}", value)
 
 
+MAX_INT = 10**12  # costs and limits: far above any real value, far below a 64-bit column
+
+
 def _positive_int(value: Any, key: str, origin: _Origin) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_INT:
         return value
+    if isinstance(value, int) and not isinstance(value, bool) and value > MAX_INT:
+        raise origin.error(key, f"must be a positive integer of at most {MAX_INT}", value)
     raise origin.error(key, "must be a positive integer", value)
 
 
@@ -237,10 +244,15 @@ def _base_url(value: Any, key: str, origin: _Origin) -> str:
 
 
 def _secret(value: Any, key: str, origin: _Origin) -> str:
+    # Never echo a secret back, even a malformed one.
     if not isinstance(value, str) or not value.strip():
-        # Never echo a secret back, even a malformed one.
         raise origin.error(key, "must be a non-empty string")
-    return value.strip()
+    value = value.strip()
+    if not _KEY_CHARS.fullmatch(value):
+        # It goes into an HTTP header and a JSON body: an HTTP library would quote it back in
+        # its error, so refuse it here, where the message can stay silent about the value.
+        raise origin.error(key, "may hold only letters, digits and . _ ~ + / = -")
+    return value
 
 
 def _timeout(value: Any, key: str, origin: _Origin) -> float:
@@ -280,6 +292,10 @@ def _normalise_database_url(url: str, origin: _Origin) -> str:
     lowered = url.lower()
     for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
         if lowered.startswith(prefix):
+            try:
+                urlsplit(url).port  # noqa: B018 - parsing it is the check
+            except ValueError:
+                raise origin.error(key, "has an invalid port", mask_url(url)) from None
             return "postgresql+psycopg://" + url[len(prefix) :]
     if lowered == "sqlite://":
         return "sqlite://"  # SQLAlchemy's in-memory database

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from aiqueue.errors import InvalidWebhookError
 from aiqueue.provider.base import TaskOutcome
-from aiqueue.provider.codes import interpret_task_result
+from aiqueue.provider.codes import interpret_task_result, without_surrogates
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_DEPTH = 32
@@ -91,7 +91,7 @@ def _load_json(raw: bytes, what: str) -> Any:
     if depth > MAX_DEPTH:
         _fail(f"{what} is nested too deeply: {depth} levels (limit {MAX_DEPTH})")
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return without_surrogates(json.loads(text, parse_constant=_reject_constant))
     except json.JSONDecodeError as exc:
         _fail(f"{what} is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
     except RecursionError:

@@ -536,7 +536,7 @@ def test_tables_are_plain_text_at_80_columns(cli: CLI, fake_hub: Any) -> None:
     fund(cli, "alice", "[bold]mallory[/bold]", "carol", "dave")
     job = enqueue(cli, "alice")
     odd = ok(cli("enqueue", "--user", "[bold]mallory[/bold]", "--tool", "upscale_image", "--input",
-                 "image=\x1b[31mred", "--json"))["job"]
+                 "image=[red]red[/red]", "--json"))["job"]
     enqueue(cli, "carol")
     enqueue(cli, "dave")
     outputs = [ok(cli(*args)) for args in (
@@ -547,7 +547,9 @@ def test_tables_are_plain_text_at_80_columns(cli: CLI, fake_hub: Any) -> None:
         assert "\x1b" not in text
         assert max(len(line) for line in text.splitlines()) <= 80
     assert "[bold]mallory[/bold]" in outputs[-1]  # shown as typed, not as markup
-    assert "\\x1b[31mred" in outputs[-1]  # control characters escaped
+    assert "[red]red[/red]" in outputs[-1]  # markup in an input is shown, not applied
+    refused = cli("enqueue", "--user", "erin", "--tool", "upscale_image", "--input", "image=\x1b[31mred")
+    assert refused.code == 2 and "control characters" in refused.stderr  # never stored
     for word in ("slot", "job", "user", "tool", "provider task", "running for", "position", "waiting for"):
         assert word in outputs[0]
 

@@ -314,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         if _is_click_error(exc):  # bad option, missing argument, bad value...
             _fail(_usage(exc), as_json)
         if debug:
-            traceback.print_exc()
+            sys.stderr.write(_scrub(traceback.format_exc()))
         message = f"unexpected {type(exc).__name__}: {_first_line(exc)}"
         if not debug:
             message += " (run with --debug for the traceback)"
@@ -362,11 +362,16 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else "(no message)"
 
 
+_QUERY_PASSWORD = re.compile(r"(?P<name>password|passwd|api_?key|apikey|token)=[^&\s'\"]+", re.IGNORECASE)
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@")
 
 
 def _scrub(text: str) -> str:
     """Unexpected messages come from libraries that may echo a DSN or the API key: mask both."""
     text = _URL_PASSWORD.sub(r"\g<head>***@", text)
-    key = os.environ.get("RUNNINGHUB_API_KEY", "").strip()
-    return text.replace(key, "***") if key else text
+    text = _QUERY_PASSWORD.sub(r"\g<name>=***", text)
+    secrets = set(wiring.SECRETS)
+    secrets.add(os.environ.get("RUNNINGHUB_API_KEY", "").strip())
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from aiqueue.manager import QueueManager
     from aiqueue.provider.runninghub import RunningHubClient
 
+# Every secret this process has loaded, so the CLI's catch point can mask them in messages and
+# --debug tracebacks that come from libraries (which may quote a DSN or a header).
+SECRETS: set[str] = set()
+
 MISSING_API_KEY = "provider.api_key is not set: export RUNNINGHUB_API_KEY or set it in the config"
 
 
@@ -66,8 +70,16 @@ def build_manager(
 
 
 def manager_for(settings: Settings, provider: LazyRunningHub) -> QueueManager:
+    from urllib.parse import unquote, urlsplit
+
     from aiqueue.manager import QueueManager
     from aiqueue.store import Store
+
+    if settings.api_key:
+        SECRETS.add(settings.api_key)
+    password = urlsplit(settings.database_url).password
+    if password:
+        SECRETS.update({password, unquote(password)})
 
     return QueueManager(Store(settings.database_url), settings, provider=provider)
 

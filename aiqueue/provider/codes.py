@@ -86,6 +86,22 @@ def one_line(value: Any, limit: int = MESSAGE_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def without_surrogates(value: Any) -> Any:
+    """Parsed JSON with lone surrogates (from escapes like \\ud800) replaced: such strings can be
+    neither stored nor printed as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", errors="surrogatepass").decode("utf-8", errors="replace")
+        return value
+    if isinstance(value, list):
+        return [without_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {without_surrogates(k): without_surrogates(v) for k, v in value.items()}
+    return value
+
+
 def parse_code(value: Any) -> int | None:
     """A business code from `code` (int) or `errorCode` (often a string); None when absent/blank."""
     if isinstance(value, bool):

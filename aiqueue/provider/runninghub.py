@@ -9,6 +9,7 @@ anything that may have reached RunningHub without a clear answer is `unknown`.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from typing import Any, Literal, Self, TypeVar
 
@@ -25,6 +26,7 @@ from aiqueue.provider.codes import (
     interpret_query_result,
     interpret_task_result,
     one_line,
+    without_surrogates,
     parse_code,
 )
 
@@ -67,6 +69,9 @@ class RunningHubClient:
             raise ConfigError(f"RunningHub base URL must start with http:// or https://: {base_url!r}")
         if not api_key:
             raise ConfigError("RunningHub API key is empty")
+        if not _KEY_CHARS.fullmatch(api_key):
+            # An HTTP library would quote a bad header value back in its error: refuse it here.
+            raise ConfigError("RunningHub API key may hold only letters, digits and . _ ~ + / = -")
         if timeout <= 0:
             raise ConfigError(f"RunningHub timeout must be positive, got {timeout}")
         self.base_url = base_url.rstrip("/")
@@ -195,8 +200,12 @@ class RunningHubClient:
         status = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
         if response.status_code >= 500:
             return "server_error", status
+        # The key is masked before anything is parsed or cut short: an answer that echoes the
+        # request must not leak it, not even a prefix of it in a truncated excerpt. (Settings
+        # allow only URL-safe characters in the key, so the JSON stays valid.)
+        text = self._scrub(response.content.decode("utf-8", errors="replace"))
         try:
-            payload = json.loads(response.content)
+            payload = without_surrogates(json.loads(text))
         except (ValueError, RecursionError):
             payload = None
             parsed = False
@@ -207,16 +216,20 @@ class RunningHubClient:
         if response.status_code == 429:
             return "too_many", status
         if response.status_code >= 300:
-            return "http_error", f"{status}: {excerpt(response.text)}" if response.text.strip() else status
+            return "http_error", f"{status}: {excerpt(text)}" if text.strip() else status
         if not parsed:
-            return "garbage", f"answer was not JSON: {excerpt(response.text)}"
+            return "garbage", f"answer was not JSON: {excerpt(text)}"
         return "garbage", f"answer had no business code: {excerpt(payload)}"
 
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._api_key, "***")
+    def redact(self, text: str) -> str:
+        """Mask the key in provider text (keys shorter than 8 characters are left: masking
+        them would corrupt ordinary words, and they are not worth hiding)."""
+        return text.replace(self._api_key, "***") if len(self._api_key) >= 8 else text
+
+    _scrub = redact
 
     def _scrubbed(self, outcome: _Outcome) -> _Outcome:
-        if outcome.message and self._api_key in outcome.message:
+        if outcome.message and len(self._api_key) >= 8 and self._api_key in outcome.message:
             return replace(outcome, message=self._scrub(outcome.message))
         return outcome
 
@@ -257,6 +270,9 @@ def _accepted_note(data: dict[str, Any]) -> str:
         if node_errors:
             note = f"{note}; promptTips node_errors: {excerpt(node_errors)}".lstrip("; ")
     return note
+
+
+_KEY_CHARS = re.compile(r"[A-Za-z0-9._~+/=-]+")
 
 
 def _reason(exc: Exception) -> str:

@@ -96,7 +96,9 @@ def run(engine: Engine, fn: Callable[[Connection], T], *, write: bool = True) ->
 
 
 def translate(exc: DBAPIError, engine: Engine) -> AiqueueError:
-    where = engine.url.render_as_string(hide_password=True)
+    from aiqueue.settings import mask_url  # the one masking rule: user:pw@ and ?password=
+
+    where = mask_url(engine.url.render_as_string(hide_password=True))
     text = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
     if isinstance(exc, (OperationalError, ProgrammingError)) and (
         "no such table" in text or _sqlstate(exc) == "42P01"
