@@ -183,18 +183,11 @@ class ProcessResult:
     failed: list[Job] = field(default_factory=list)  # rejected by the provider: failed, refunded
     unknown: list[Job] = field(default_factory=list)  # outcome unknown: left starting for cleanup
     expired: list[Job] = field(default_factory=list)  # stale jobs ended first (opportunistic)
-
-    def merged(self, other: ProcessResult) -> ProcessResult:
-        return ProcessResult(
-            started=self.started + other.started,
-            requeued=self.requeued + other.requeued,
-            failed=self.failed + other.failed,
-            unknown=self.unknown + other.unknown,
-            expired=self.expired + other.expired,
-        )
+    halted: str | None = None  # why the fill stopped for every job (bad key, missing tool...)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "halted": self.halted,
             "started": [j.to_dict() for j in self.started],
             "requeued": [j.to_dict() for j in self.requeued],
             "failed": [j.to_dict() for j in self.failed],

@@ -46,6 +46,7 @@ from aiqueue.errors import (
     WrongStateError,
 )
 from aiqueue.provider.base import Provider, SubmitOutcome, TaskOutcome
+from aiqueue.provider.codes import ACCOUNT_CODES
 
 if TYPE_CHECKING:
     from aiqueue.settings import Settings, ToolSpec
@@ -116,7 +117,8 @@ class QueueManager:
     def ledger(
         self, user: str | None = None, job_id: int | None = None, limit: int | None = None
     ) -> list[LedgerEntry]:
-        """Ledger entries, oldest first, optionally for one user or one job."""
+        """Ledger entries, oldest first, optionally for one user or one job; with limit, the
+        newest `limit` of them."""
         if user is not None:
             user = _check_user(user)
         if job_id is not None:
@@ -406,12 +408,17 @@ class QueueManager:
         requeued: list[Job] = []
         failed: list[Job] = []
         unknown: list[Job] = []
+        halted: str | None = None
         while True:
             job = self.store.run(self._claim)
             if job is None:
                 break
             self.fault("fill:after-claim")
             outcome = self._submit(job)
+            if outcome.kind == "rejected" and (outcome.code in ACCOUNT_CODES or outcome.code is None):
+                # Not this job's fault: every job would get the same answer. Stop, keep places.
+                halted = outcome.message
+                outcome = SubmitOutcome(kind="busy", code=outcome.code, message=f"queue halted: {outcome.message}")
             if outcome.kind == "accepted":
                 self.fault("fill:after-accept")
             recorded = self.store.run(lambda tx, job=job, outcome=outcome: self._record(tx, job, outcome))
@@ -425,7 +432,7 @@ class QueueManager:
             ].append(recorded)
             if outcome.kind == "busy":
                 break
-        return ProcessResult(started=started, requeued=requeued, failed=failed, unknown=unknown)
+        return ProcessResult(started=started, requeued=requeued, failed=failed, unknown=unknown, halted=halted)
 
     def _claim(self, tx: Tx) -> Job | None:
         if tx.lock_gate():  # paused
@@ -437,7 +444,7 @@ class QueueManager:
         job = tx.oldest_queued()
         if job is None:
             return None
-        slot = min(s for s in range(1, limit + 1) if s not in used)
+        slot = next(s for s in range(1, len(used) + 2) if s not in used)
         now = self.clock.now()
         claimed = tx.transition(job.id, [Status.QUEUED], Status.STARTING, now, slot=slot, started_at=now, error=None)
         if claimed is not None:
@@ -447,7 +454,8 @@ class QueueManager:
     def _submit(self, job: Job) -> SubmitOutcome:
         spec = self.settings.tools.get(job.tool)
         if spec is None:
-            return SubmitOutcome(kind="rejected", message=f"tool {job.tool!r} is no longer in the config")
+            where = self.settings.config_path or "no config file was found"
+            return SubmitOutcome(kind="rejected", message=f"tool {job.tool!r} of job {job.id} is not in the config ({where})")
         node_info_list = [
             {"nodeId": item.node_id, "fieldName": item.field, "fieldValue": job.inputs.get(name, item.default)}
             for name, item in spec.inputs.items()
@@ -467,7 +475,8 @@ class QueueManager:
             tx.add_event(job.id, Status.STARTING, Status.RUNNING, now, f"provider task {outcome.task_id}")
             return self._apply_early_webhooks(tx, running)
         if outcome.kind == "busy":
-            back = tx.transition(job.id, [Status.STARTING], Status.QUEUED, now, started_at=None)
+            back = tx.transition(job.id, [Status.STARTING], Status.QUEUED, now, started_at=None,
+                                 error=f"not started yet: {outcome.message}")
             if back is None:
                 return None
             tx.add_event(job.id, Status.STARTING, Status.QUEUED, now, f"provider busy: {outcome.message}")
@@ -631,6 +640,8 @@ class QueueManager:
 def _check_user(user: str) -> str:
     if not isinstance(user, str) or not user.strip():
         raise UsageError("user must be a non-empty string")
+    if user != user.strip():
+        raise UsageError(f"user id {user!r} has leading or trailing spaces")
     if len(user) > MAX_USER_LENGTH:
         raise UsageError(f"user id is {len(user)} characters long; the limit is {MAX_USER_LENGTH}")
     if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs") for ch in user):
@@ -681,6 +692,8 @@ def _resolve_inputs(spec: ToolSpec, given: Mapping[str, str]) -> dict[str, str]:
             value = given[name]
             if not isinstance(value, str):
                 raise InputError(f"input {name!r} must be text", tool=spec.name)
+            if not value.strip():
+                raise InputError(f"input {name!r} is empty", tool=spec.name)
             size = len(value.encode("utf-8", errors="replace"))
             if size > MAX_INPUT_BYTES:
                 raise InputError(f"input {name!r} is {size} bytes; the limit is {MAX_INPUT_BYTES}", tool=spec.name)

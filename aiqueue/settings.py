@@ -215,6 +215,16 @@ def _positive_int(value: Any, key: str, origin: _Origin) -> int:
     raise origin.error(key, "must be a positive integer", value)
 
 
+MAX_SLOTS = 1000  # RunningHub's enterprise default is 50 concurrent tasks
+
+
+def _slot_limit(value: Any, key: str, origin: _Origin) -> int:
+    limit = _positive_int(value, key, origin)
+    if limit > MAX_SLOTS:
+        raise origin.error(key, f"must be at most {MAX_SLOTS}", value)
+    return limit
+
+
 def _duration(value: Any, key: str, origin: _Origin) -> timedelta:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)  # a bare number means seconds, as parse_duration reads it
@@ -272,7 +282,7 @@ def _database_url(value: Any, key: str, origin: _Origin) -> str:
 
 _VALIDATORS: dict[str, Callable[[Any, str, _Origin], Any]] = {
     "database.url": _database_url,
-    "queue.max_concurrent": _positive_int,
+    "queue.max_concurrent": _slot_limit,
     "queue.stale_after": _duration,
     "provider.name": _provider_name,
     "provider.base_url": _base_url,

@@ -81,6 +81,7 @@ def _load_json(raw: bytes, what: str) -> Any:
         _fail(f"{what} is too large: {len(raw)} bytes (limit {MAX_BODY_BYTES})")
     if not raw.strip():
         _fail(f"{what} is empty")
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a BOM from an editor is not part of the JSON
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

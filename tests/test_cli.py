@@ -204,7 +204,7 @@ def test_enqueue_starts_at_once_then_queues_with_exact_positions(cli: CLI, fake_
 
     # A full house: process-next has nothing to start.
     nothing = ok(cli("process-next", "--json"))
-    assert nothing == {"started": [], "requeued": [], "failed": [], "unknown": [], "expired": []}
+    assert nothing == {"halted": None, "started": [], "requeued": [], "failed": [], "unknown": [], "expired": []}
     assert len(fake_hub.tasks) == 3
 
 

@@ -224,7 +224,6 @@ def _bodies(task_id: str, good: bytes) -> dict[str, bytes]:
     return {
         "not UTF-8": b"\xff\xfe\x00{",
         "latin-1": good.replace(b"TASK_END", "TASK_END\xe9".encode("latin-1")),
-        "UTF-8 BOM": b"\xef\xbb\xbf" + good,
         "empty": b"",
         "blank": b" \n\t ",
         "10 MB": b"x" * (10 * MB),

@@ -521,3 +521,90 @@ def test_hostile_text_is_refused_and_changes_nothing(manager: Any) -> None:
     with pytest.raises(UsageError):
         manager.finish(ok.id, "completed", outputs=[""])
     assert manager.job_detail(ok.id).job.status is Status.RUNNING
+
+
+def test_an_account_level_rejection_halts_the_queue_and_keeps_places(manager: Any, fake_hub: Any) -> None:
+    funded(manager, "a", "b", "c")
+    jobs = [manager.enqueue(u, "upscale_image", IMG, start=False).job for u in "abc"]
+    fake_hub.set_default_submit("reject:802")  # the API key is wrong: every job would fail
+    result = manager.process_next()
+    assert result.halted and "802" in result.halted and "APIKEY_UNAUTHORIZED" in result.halted
+    assert result.failed == [] and [j.id for j in result.requeued] == [jobs[0].id]
+    assert [(j.id, j.position) for j in manager.status().queued] == [(j.id, i) for i, j in enumerate(jobs, 1)]
+    assert "802" in manager.job_detail(jobs[0].id).job.error  # the reason is on the job
+    assert [manager.balance(u).balance for u in "abc"] == [95, 95, 95]  # nothing refunded
+    fake_hub.set_default_submit("accept")  # the operator fixed the key
+    assert [j.id for j in manager.process_next().started] == [j.id for j in jobs]
+    assert manager.job_detail(jobs[0].id).job.error is None
+    assert_clean(manager)
+
+
+def test_a_tool_missing_from_the_config_halts_instead_of_failing(make_manager: Any, tmp_path: Any) -> None:
+    from aiqueue.manager import QueueManager
+    from aiqueue.settings import load_settings
+
+    manager = make_manager()
+    funded(manager, "a")
+    job = manager.enqueue("a", "upscale_video", {"video": "v.mp4"}, start=False).job
+    empty = tmp_path / "empty.toml"  # e.g. cron running from a directory without the config
+    empty.write_text('[queue]\nmax_concurrent = 3\n')
+    settings = load_settings(empty, db_url=manager.store.url, env={})
+    stranger = QueueManager(manager.store, settings, manager._provider_or_factory, manager.clock)
+    result = stranger.process_next()
+    assert result.halted and "upscale_video" in result.halted and "not in the config" in result.halted
+    after = manager.job_detail(job.id).job
+    assert after.status is Status.QUEUED and after.position == 1
+    assert manager.balance("a").balance == 80
+
+
+def test_empty_inputs_and_padded_user_ids_are_refused(manager: Any) -> None:
+    funded(manager, "a")
+    before = counts(manager)
+    with pytest.raises(InputError, match="empty"):
+        manager.enqueue("a", "upscale_image", {"image": ""})
+    with pytest.raises(InputError, match="empty"):
+        manager.enqueue("a", "upscale_image", {"image": "x", "scale": "  "})
+    with pytest.raises(UsageError, match="spaces"):
+        manager.grant(" a", 5)
+    assert counts(manager) == before
+
+
+def test_ledger_limit_shows_the_newest_entries(manager: Any) -> None:
+    for amount in range(1, 6):
+        manager.grant("a", amount)
+    assert [e.amount for e in manager.ledger(user="a", limit=2)] == [4, 5]
+    assert [e.amount for e in manager.ledger(user="a")] == [1, 2, 3, 4, 5]
+
+
+def test_a_huge_slot_limit_is_a_config_error(tmp_path: Any) -> None:
+    from aiqueue.errors import ConfigError
+    from aiqueue.settings import load_settings
+
+    path = tmp_path / "c.toml"
+    path.write_text("[queue]\nmax_concurrent = 99999999999999999999\n")
+    with pytest.raises(ConfigError, match="max_concurrent"):
+        load_settings(path, env={})
+    with pytest.raises(ConfigError, match="max_concurrent"):
+        load_settings(None, env={"AIQUEUE_MAX_CONCURRENT": "5000"})
+
+
+def test_commands_do_not_create_a_missing_sqlite_file(tmp_path: Any) -> None:
+    from aiqueue.errors import SchemaMissingError
+    from aiqueue.store import Store
+
+    target = tmp_path / "not" / "here" / "q.db"
+    store = Store(f"sqlite:///{target}")
+    with pytest.raises(SchemaMissingError, match="db init"):
+        store.read(lambda tx: tx.count_queued())
+    assert not target.parent.exists()
+    assert store.init_schema() is True and target.exists()
+    assert store.read(lambda tx: tx.count_queued()) == 0
+
+
+@pytest.mark.parametrize("job_id", [2**31, 2**63 - 1])
+def test_large_but_valid_job_ids_are_simply_unknown(manager: Any, job_id: int) -> None:
+    for call in (lambda: manager.job_detail(job_id), lambda: manager.cancel(job_id),
+                 lambda: manager.finish(job_id, "completed")):
+        with pytest.raises(UnknownJobError):
+            call()
+    assert manager.ledger(job_id=job_id) == []

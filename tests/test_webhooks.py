@@ -320,3 +320,13 @@ def test_arbitrary_json_shapes_never_raise_anything_but_invalid_webhook(payload:
 def test_importing_webhooks_does_not_import_httpx() -> None:
     code = "import sys, aiqueue.webhooks; sys.exit(1 if 'httpx' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_a_utf8_bom_from_an_editor_is_accepted() -> None:
+    from aiqueue.webhooks import parse_webhook
+
+    body = json.dumps({"event": "TASK_END", "taskId": "1990000000000000101",
+                       "eventData": json.dumps({"code": 0, "msg": "success",
+                                                "data": [{"fileUrl": "https://cdn.example.com/a.png"}]})})
+    event = parse_webhook(b"\xef\xbb\xbf" + body.encode())
+    assert event.task_id == "1990000000000000101" and event.outcome.kind == "success"

@@ -23,7 +23,8 @@ import typer
 from typer.main import get_command
 
 from aiqueue.cli import params, render, wiring
-from aiqueue.errors import AiqueueError, AuditProblemsError, UsageError
+from aiqueue.domain import ProcessResult
+from aiqueue.errors import AiqueueError, AuditProblemsError, ProviderError, UsageError
 
 if TYPE_CHECKING:
     from aiqueue.manager import QueueManager
@@ -120,6 +121,13 @@ def _manager(ctx: typer.Context) -> QueueManager:
 
 def _show(ctx: typer.Context, as_json: bool, result: render.Result, table: Callable[[Any, Any], None]) -> None:
     render.show(as_json or _globals(ctx).json, result, table)
+    # Every command that frees or fills slots says so when the fill stopped for every job (a
+    # rejected API key, a tool missing from the config): the jobs stay queued in their places.
+    process = result if isinstance(result, ProcessResult) else getattr(result, "process", None)
+    if process is not None and process.halted:
+        render.note(f"warning: the queue is halted, jobs stay queued: {process.halted}")
+        if isinstance(result, ProcessResult):  # process-next's whole point was the fill
+            raise typer.Exit(ProviderError.exit_code)
 
 
 # --- commands -----------------------------------------------------------------------------------

@@ -67,6 +67,9 @@ CODES: dict[int, tuple[str | None, str]] = {
 
 # Submit: nothing was created, submit again later (API.md sections 4 and 6).
 CAPACITY_CODES = frozenset({421, 415, 1003, 1011, 1520, 814})
+# Answers about the account or the set-up, not the job: every job would get the same one, so
+# the queue stops (jobs keep their places) and the operator is told.
+ACCOUNT_CODES = frozenset({412, 416, 436, 801, 802, 806, 811, 812, 1002, 1014})
 # Submit: the server failed while handling it; a task may or may not have been created.
 SERVER_ERROR_CODES = frozenset({500, 1000, 1005, 1010, 1012})
 # Outputs/query: the task exists and has not finished.

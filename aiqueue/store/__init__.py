@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
 from aiqueue.domain import HOLDS_SLOT, Job, JobEvent, LedgerEntry, LedgerKind, Status
-from aiqueue.errors import ActiveJobError, ConflictError
+from aiqueue.errors import ActiveJobError, ConflictError, DatabaseError, SchemaMissingError
 from aiqueue.store import engine as _engine
 from aiqueue.store.tables import (
     SCHEMA_VERSION,
@@ -34,9 +34,19 @@ class Store:
         self.url = url
         self.engine = _engine.make_engine(url, busy_timeout=busy_timeout)
         self.dialect = self.engine.dialect.name
+        self._file = _engine.sqlite_file(url)
+
+    def _check_file(self) -> None:
+        # SQLite would create a missing file (and a refused command must change nothing):
+        # only `db init` creates it.
+        if self._file is not None:
+            if not self._file.exists():
+                raise SchemaMissingError(f"database file {self._file} does not exist: run `aiqueue db init`")
+            self._file = None  # checked once
 
     def run(self, fn: Callable[[Tx], T], *, write: bool = True) -> T:
         """Run fn(tx) in one transaction (retried whole on a PostgreSQL deadlock)."""
+        self._check_file()
         return _engine.run(self.engine, lambda conn: fn(Tx(conn, self.dialect)), write=write)
 
     def read(self, fn: Callable[[Tx], T]) -> T:
@@ -44,6 +54,7 @@ class Store:
 
     def stream(self, fn: Callable[[Tx], Iterable[T]]) -> Iterator[T]:
         """Yield rows from one read transaction without holding them all in memory."""
+        self._check_file()
         with _engine.transaction(self.engine, write=False) as conn:
             yield from fn(Tx(conn, self.dialect))
 
@@ -59,6 +70,12 @@ class Store:
                 )
             return not existed
 
+        if self._file is not None:
+            try:
+                self._file.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DatabaseError(f"cannot create {self._file.parent}: {exc.strerror}") from None
+            self._file = None
         created = self.run(create)
         if self.dialect == "postgresql":
             # A never-analysed table can keep a sequential-scan plan in prepared statements.
@@ -334,8 +351,9 @@ class Tx:
             query = query.where(ledger.c.user_id == user)
         if job_id is not None:
             query = query.where(ledger.c.job_id == job_id)
-        if limit is not None:
-            query = query.limit(limit)
+        if limit is not None:  # the newest `limit` entries, still oldest first
+            newest = query.order_by(None).order_by(ledger.c.id.desc()).limit(limit)
+            return [_entry(r) for r in reversed(list(self.conn.execute(newest)))]
         return [_entry(r) for r in self.conn.execute(query)]
 
     # --- the webhook inbox -----------------------------------------------------------------

@@ -6,6 +6,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event
@@ -23,7 +24,6 @@ _MAX_ATTEMPTS = 6
 
 def make_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
     if url.startswith("sqlite"):
-        _make_parent_dir(url)
         engine = create_engine(url, connect_args={"timeout": busy_timeout, "check_same_thread": False})
         _setup_sqlite(engine, busy_timeout)
         return engine
@@ -32,14 +32,16 @@ def make_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
     raise DatabaseError(f"unsupported database URL scheme: {url.split(':', 1)[0]}")
 
 
-def _make_parent_dir(url: str) -> None:
-    from pathlib import Path
-
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for in-memory and URI forms)."""
     from sqlalchemy.engine import make_url
 
+    if not url.startswith("sqlite"):
+        return None
     database = make_url(url).database
-    if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser()
 
 
 def _setup_sqlite(engine: Engine, busy_timeout: float) -> None:
@@ -104,6 +106,8 @@ def translate(exc: DBAPIError, engine: Engine) -> AiqueueError:
         "no such table" in text or _sqlstate(exc) == "42P01"
     ):
         return SchemaMissingError(f"database {where} has no aiqueue schema: run `aiqueue db init`")
+    if "unable to open database file" in text:
+        return DatabaseError(f"cannot open database {where}: {text} (is its directory writable?)")
     if "database is locked" in text:
         return DatabaseError(f"database {where} stayed locked past the busy timeout: {text}")
     if exc.connection_invalidated or "connect" in text.lower():

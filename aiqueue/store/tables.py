@@ -31,6 +31,9 @@ from sqlmodel import Field, SQLModel
 
 SCHEMA_VERSION = 1
 
+# 64-bit ids on PostgreSQL; on SQLite only INTEGER PRIMARY KEY is the (64-bit) rowid alias.
+ID = BigInteger().with_variant(Integer, "sqlite")
+
 ACTIVE_SQL = "status IN ('queued', 'starting', 'running')"
 STATUS_SQL = "status IN ('queued', 'starting', 'running', 'completed', 'failed', 'cancelled')"
 
@@ -92,7 +95,7 @@ class JobRow(SQLModel, table=True):
         Index("ix_aiqueue_jobs_user_id", "user_id", "id"),
     )
 
-    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True, autoincrement=True))
+    id: int | None = Field(default=None, sa_column=Column(ID, primary_key=True, autoincrement=True))
     user_id: str = _col(String(200), nullable=False)
     tool: str = _col(String(100), nullable=False)
     status: str = _col(String(16), nullable=False)
@@ -112,8 +115,8 @@ class JobEventRow(SQLModel, table=True):
     __tablename__ = "aiqueue_job_events"
     __table_args__ = (Index("ix_aiqueue_job_events_job", "job_id", "id"),)
 
-    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True, autoincrement=True))
-    job_id: int = _col(Integer, ForeignKey("aiqueue_jobs.id"), nullable=False)
+    id: int | None = Field(default=None, sa_column=Column(ID, primary_key=True, autoincrement=True))
+    job_id: int = _col(ID, ForeignKey("aiqueue_jobs.id"), nullable=False)
     from_status: str | None = _col(String(16), nullable=True)
     to_status: str = _col(String(16), nullable=False)
     at: datetime = _col(UTCDateTime, nullable=False)
@@ -155,9 +158,9 @@ class LedgerRow(SQLModel, table=True):
         Index("ix_aiqueue_ledger_user", "user_id", "id"),
     )
 
-    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True, autoincrement=True))
+    id: int | None = Field(default=None, sa_column=Column(ID, primary_key=True, autoincrement=True))
     user_id: str = _col(String(200), nullable=False)
-    job_id: int | None = _col(Integer, ForeignKey("aiqueue_jobs.id"), nullable=True)
+    job_id: int | None = _col(ID, ForeignKey("aiqueue_jobs.id"), nullable=True)
     kind: str = _col(String(8), nullable=False)
     amount: int = _col(BigInteger, nullable=False)
     created_at: datetime = _col(UTCDateTime, nullable=False)
@@ -178,13 +181,13 @@ class WebhookRow(SQLModel, table=True):
         ),
     )
 
-    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True, autoincrement=True))
+    id: int | None = Field(default=None, sa_column=Column(ID, primary_key=True, autoincrement=True))
     task_id: str = _col(String(64), nullable=False)
     body_sha256: str = _col(String(64), nullable=False, unique=True)
     body: str = _col(Text, nullable=False)
     received_at: datetime = _col(UTCDateTime, nullable=False)
     applied_at: datetime | None = _col(UTCDateTime, nullable=True)
-    job_id: int | None = _col(Integer, ForeignKey("aiqueue_jobs.id"), nullable=True)
+    job_id: int | None = _col(ID, ForeignKey("aiqueue_jobs.id"), nullable=True)
     result: str | None = _col(Text, nullable=True)
 
 
