@@ -157,7 +157,7 @@ class QueueManager:
 
         job = self.store.run(tx_fn)
         process = self._fill() if start else ProcessResult()
-        if process.started or process.failed or process.unknown:
+        if process.started or process.failed or process.unknown or process.requeued:
             job = self._job(job.id)
         return EnqueueResult(job=job, process=process)
 

@@ -158,6 +158,7 @@ def _show(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
+        value = _mask_anything(value)  # a mistyped URL may still carry a password or token
         text = value if len(value) <= 60 else value[:57] + "..."
         return '"' + text.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
     if isinstance(value, (int, float)):
@@ -330,6 +331,17 @@ def default_database_url(env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     data_home = _xdg_dir(env, "XDG_DATA_HOME", ".local/share")
     return f"sqlite:///{data_home / 'aiqueue' / 'aiqueue.db'}"
+
+
+_LOOSE_USERINFO = re.compile(r"(?P<head>[^\s:/?#@]+):[^\s@/]+@")
+_LOOSE_SECRET_PARAM = re.compile(r"(?P<name>[A-Za-z_]*(?:token|secret|key|pass|sig|auth)[A-Za-z_]*)=[^&#\s]*",
+                                 re.IGNORECASE)
+
+
+def _mask_anything(text: str) -> str:
+    """mask_url for text that may not even parse as a URL."""
+    text = _LOOSE_USERINFO.sub(rf"\g<head>:{MASK}@", text)
+    return _LOOSE_SECRET_PARAM.sub(rf"\g<name>={MASK}", text)
 
 
 def mask_url(url: str) -> str:
