@@ -262,8 +262,11 @@ def fake_runninghub(
         hub = serve_forever_cli(port, api_key)
     except OSError as exc:
         raise UsageError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}", port=port) from None
-    # SIGTERM (kill, a supervisor) ends it like Ctrl-C does: cleanly, exit 0.
+    # SIGTERM (kill, a supervisor) ends it like Ctrl-C does: cleanly, exit 0. SIGINT too, set
+    # explicitly: a shell starting us in the background without job control ignores it, and
+    # Python then never turns it into KeyboardInterrupt.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         _show(ctx, as_json, render.ServerInfo(hub.base_url), render.render_server)
         hub.wait()
