@@ -161,6 +161,17 @@ class QueueStatus:
 
 
 @dataclass(frozen=True)
+class PauseResult:
+    paused: bool
+    changed: bool
+    process: ProcessResult = field(default_factory=lambda: ProcessResult())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"paused": self.paused, "changed": self.changed,
+                "started": [j.to_dict() for j in self.process.started]}
+
+
+@dataclass(frozen=True)
 class JobDetail:
     job: Job
     events: list[JobEvent]

@@ -31,6 +31,7 @@ from aiqueue.domain import (
     JobDetail,
     LedgerEntry,
     LedgerKind,
+    PauseResult,
     ProcessResult,
     QueueStatus,
     Status,
@@ -176,6 +177,16 @@ class QueueManager:
             )
 
         return self.store.read(tx_fn)
+
+    def pause(self) -> PauseResult:
+        """Stop submitting: queued jobs keep their places, running ones finish normally."""
+        changed = self.store.run(lambda tx: tx.set_paused(True))
+        return PauseResult(paused=True, changed=changed)
+
+    def resume(self) -> PauseResult:
+        """Submit again, filling the free slots at once (the same fill as process_next)."""
+        changed = self.store.run(lambda tx: tx.set_paused(False))
+        return PauseResult(paused=False, changed=changed, process=self._fill())
 
     def job_detail(self, job_id: int) -> JobDetail:
         """One job with its position (when queued), its status history and its ledger entries."""

@@ -206,6 +206,25 @@ def status(
         _show(ctx, as_json, _manager(ctx).job_detail(job_id), render.render_job_detail)
 
 
+@app.command()
+def pause(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Stop submitting jobs (stored in the database, for every machine); queued jobs keep their
+    places and running ones finish normally.
+
+    Example: aiqueue pause; aiqueue status; aiqueue resume
+    """
+    _show(ctx, as_json, _manager(ctx).pause(), render.render_pause)
+
+
+@app.command()
+def resume(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Submit again, filling the free slots at once.
+
+    Example: aiqueue resume --json
+    """
+    _show(ctx, as_json, _manager(ctx).resume(), render.render_pause)
+
+
 @app.command("process-next")
 def process_next(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """End stale jobs, then fill every free slot in FIFO order."""

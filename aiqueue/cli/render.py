@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         JobEvent,
         LedgerEntry,
         ProcessResult,
+        PauseResult,
         QueueStatus,
         UnmatchedWebhook,
     )
@@ -179,6 +180,13 @@ def render_status(console: Console, status: QueueStatus, now: datetime | None = 
     if more > 0:
         queue.caption = f"… and {more} more"
     _print_table(console, queue, len(status.queued), "nothing is queued")
+
+
+def render_pause(console: Console, result: PauseResult) -> None:
+    state = "paused: nothing new is submitted" if result.paused else "running: jobs are submitted"
+    _line(console, f"queue {state}" + ("" if result.changed else " (it already was)"))
+    if result.process.started or result.process.failed or result.process.requeued:
+        render_jobs(console, "Next jobs", _process_rows(result.process), "")
 
 
 def render_unmatched(console: Console, result: Unmatched) -> None:

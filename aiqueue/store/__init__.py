@@ -202,6 +202,13 @@ class Tx:
             raise ConflictError("queue state row is missing: run `aiqueue db init`")
         return bool(paused)
 
+    def set_paused(self, paused: bool) -> bool:
+        """Pause or resume; True when that changed anything."""
+        result = self.conn.execute(
+            update(queue_state).where(queue_state.c.id == 1, queue_state.c.paused != paused).values(paused=paused)
+        )
+        return result.rowcount == 1
+
     def is_paused(self) -> bool:
         return bool(self.conn.execute(select(queue_state.c.paused).where(queue_state.c.id == 1)).scalar_one_or_none())
 
