@@ -242,9 +242,13 @@ class CleanupResult:
     completed: list[Job]  # the provider had finished them: completed
     failed: list[Job]  # the provider had failed them: failed with its message, refunded
     process: ProcessResult = field(default_factory=ProcessResult)
+    stale: list[Job] = field(default_factory=list)  # --dry-run: what a real run would look at
+    dry_run: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "dry_run": self.dry_run,
+            "stale": [j.to_dict() for j in self.stale],
             "expired": [j.to_dict() for j in self.expired],
             "completed": [j.to_dict() for j in self.completed],
             "failed": [j.to_dict() for j in self.failed],

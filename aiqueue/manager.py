@@ -301,9 +301,14 @@ class QueueManager:
                 )
         raise ConflictError(f"job {job_id} kept changing while being cancelled; try again", job_id=job_id)
 
-    def cleanup(self, older_than: timedelta | None = None) -> CleanupResult:
+    def cleanup(self, older_than: timedelta | None = None, *, dry_run: bool = False) -> CleanupResult:
         """End jobs that have held a slot longer than `older_than` (default queue.stale_after),
-        asking the provider first; refund the failed ones; then start the next jobs."""
+        asking the provider first; refund the failed ones; then start the next jobs. With
+        dry_run, only list the stale jobs: no provider call, no change."""
+        if dry_run:
+            cutoff = self.clock.now() - (older_than or self.settings.stale_after)
+            stale = self.store.read(lambda tx: tx.stale(cutoff))
+            return CleanupResult(expired=[], completed=[], failed=[], stale=stale, dry_run=True)
         result = self._expire(older_than or self.settings.stale_after)
         return replace(result, process=self._fill())
 

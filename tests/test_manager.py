@@ -608,3 +608,16 @@ def test_large_but_valid_job_ids_are_simply_unknown(manager: Any, job_id: int) -
         with pytest.raises(UnknownJobError):
             call()
     assert manager.ledger(job_id=job_id) == []
+
+
+def test_cleanup_dry_run_lists_and_changes_nothing(manager: Any, fake_hub: Any, clock: Any) -> None:
+    funded(manager, "a", "b")
+    job = manager.enqueue("a", "upscale_image", IMG).job
+    clock.advance(timedelta(minutes=11))
+    before = counts(manager)
+    calls = len(fake_hub.requests)
+    preview = manager.cleanup(dry_run=True)
+    assert preview.dry_run and [j.id for j in preview.stale] == [job.id] and preview.expired == []
+    assert counts(manager) == before and len(fake_hub.requests) == calls  # no change, no provider call
+    assert manager.job_detail(job.id).job.status is Status.RUNNING
+    assert [j.id for j in manager.cleanup().expired] == [job.id]  # the real run does it

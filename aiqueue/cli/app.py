@@ -255,10 +255,17 @@ def cancel(ctx: typer.Context, job_id: JobIdArg, reason: ReasonOpt = None, as_js
 
 
 @app.command()
-def cleanup(ctx: typer.Context, older_than: OlderThanOpt = None, as_json: JsonOpt = False) -> None:
-    """End jobs that held their slot too long (asking the provider first), then start the next."""
+def cleanup(
+    ctx: typer.Context, older_than: OlderThanOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list the stale jobs; change nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """End jobs that held their slot too long (asking the provider first), then start the next.
+
+    Example: aiqueue cleanup --older-than 15m --dry-run
+    """
     limit = params.duration(older_than, "--older-than")
-    _show(ctx, as_json, _manager(ctx).cleanup(limit), render.render_cleanup)
+    _show(ctx, as_json, _manager(ctx).cleanup(limit, dry_run=dry_run), render.render_cleanup)
 
 
 @app.command("refund-audit")

@@ -278,6 +278,10 @@ def render_finish(console: Console, result: FinishResult) -> None:
 
 
 def render_cleanup(console: Console, result: CleanupResult) -> None:
+    if result.dry_run:
+        render_jobs(console, "cleanup --dry-run: would end (after asking the provider)",
+                    [("stale", j) for j in result.stale], "nothing to clean up: no job held its slot too long")
+        return
     rows = ([("expired", j) for j in result.expired] + [("completed", j) for j in result.completed]
             + [("failed", j) for j in result.failed] + _process_rows(result.process))
     render_jobs(console, "cleanup", rows, "nothing to clean up: no job held its slot too long")
