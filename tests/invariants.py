@@ -115,3 +115,10 @@ def replay_max_holders(url: str) -> int:
         holding += int(held_after) - int(held_before)
         peak = max(peak, holding)
     return peak
+
+
+def check_invariants_on(engine: Any, limit: int) -> list[str]:
+    """check_invariants over an engine the caller keeps (a test that checks after every step
+    need not pay a new connection each time); the same checks."""
+    with engine.connect() as conn:
+        return _check(conn, limit)
