@@ -96,6 +96,24 @@ db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
 credits_app = typer.Typer(help="Credits: grants, balances and the ledger.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(credits_app, name="credits")
+config_app = typer.Typer(help="The config file: write a starter, show the effective values, check.",
+                         no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+STARTER_CONFIG: dict[str, Any] = {
+    "queue": {"max_concurrent": 3, "stale_after": "10m"},
+    "provider": {"name": "runninghub", "base_url": "https://www.runninghub.ai", "timeout": 10},
+    "tools": {
+        "upscale_image": {
+            "webapp_id": "1990000000000000001",
+            "cost": 5,
+            "inputs": {
+                "image": {"node_id": "12", "field": "image"},
+                "scale": {"node_id": "15", "field": "value", "default": "2"},
+            },
+        },
+    },
+}
 
 
 @app.callback()
@@ -223,6 +241,49 @@ def resume(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     Example: aiqueue resume --json
     """
     _show(ctx, as_json, _manager(ctx).resume(), render.render_pause)
+
+
+@config_app.command("init")
+def config_init(
+    ctx: typer.Context,
+    path: Annotated[Optional[Path], typer.Argument(metavar="[PATH]", show_default=False,
+                                                   help="Where to write (default: --config, else ./aiqueue.toml).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a starter config (mode 0600); refuses to overwrite without --force.
+
+    Example: aiqueue config init ./aiqueue.toml && aiqueue config check
+    """
+    from aiqueue.settings import save_config
+
+    target = save_config(path or _globals(ctx).config or Path("aiqueue.toml"), STARTER_CONFIG, force=force)
+    _show(ctx, as_json, render.Written(str(target)), render.render_written)
+
+
+@config_app.command("show")
+def config_show(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """The effective settings, secrets masked, and where each value came from.
+
+    Example: aiqueue config show --json
+    """
+    from aiqueue.settings import load_settings, redacted
+
+    options = _globals(ctx)
+    _show(ctx, as_json, render.ConfigView(redacted(load_settings(options.config, options.db))), render.render_config)
+
+
+@config_app.command("check")
+def config_check(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Validate the config and its tool mappings; exit 3 naming the first bad key.
+
+    Example: aiqueue --config /etc/aiqueue.toml config check
+    """
+    from aiqueue.settings import load_settings, redacted
+
+    options = _globals(ctx)
+    view = redacted(load_settings(options.config, options.db))
+    _show(ctx, as_json, render.ConfigView(view, checked=True), render.render_config)
 
 
 @app.command("process-next")

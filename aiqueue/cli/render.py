@@ -89,6 +89,27 @@ class Unmatched:
         return {"webhooks": [w.to_dict() for w in self.webhooks]}
 
 
+@dataclass(frozen=True)
+class Written:
+    """`config init`'s answer."""
+
+    path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+
+@dataclass(frozen=True)
+class ConfigView:
+    """`config show` / `config check`: the redacted settings."""
+
+    settings: dict[str, Any]
+    checked: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": True, **self.settings} if self.checked else dict(self.settings)
+
+
 # --- the two channels -------------------------------------------------------------------------
 
 
@@ -187,6 +208,41 @@ def render_pause(console: Console, result: PauseResult) -> None:
     _line(console, f"queue {state}" + ("" if result.changed else " (it already was)"))
     if result.process.started or result.process.failed or result.process.requeued:
         render_jobs(console, "Next jobs", _process_rows(result.process), "")
+
+
+def render_written(console: Console, result: Written) -> None:
+    _line(console, f"wrote {result.path} (mode 0600); edit its tools, then: aiqueue config check")
+
+
+def render_config(console: Console, view: ConfigView) -> None:
+    values = view.settings
+    if view.checked:
+        where = values["config_path"] or "no config file (defaults only)"
+        _line(console, f"config OK: {where}; {len(values['tools'])} tools; database {values['database_url']}")
+        return
+    sources = values["sources"]
+    table = _table("Effective config", ("key", L), ("value", W), ("from", L))
+    rows = [
+        ("config file", values["config_path"] or "-", "-"),
+        ("database.url", values["database_url"], sources.get("database.url")),
+        ("queue.max_concurrent", values["max_concurrent"], sources.get("queue.max_concurrent")),
+        ("queue.stale_after", f"{values['stale_after_seconds']:g}s", sources.get("queue.stale_after")),
+        ("provider.name", values["provider_name"], sources.get("provider.name")),
+        ("provider.base_url", values["base_url"], sources.get("provider.base_url")),
+        ("provider.webhook_url", values["webhook_url"] or "-", sources.get("provider.webhook_url")),
+        ("provider.api_key", values["api_key"] or "(not set)", sources.get("provider.api_key")),
+        ("provider.timeout", f"{values['request_timeout']:g}s", sources.get("provider.timeout")),
+    ]
+    for key, value, source in rows:
+        table.add_row(_cell(key), _cell(value), _cell(source))
+    _print_table(console, table, len(rows), "")
+    tools = _table(f"Tools (from the {sources.get('tools')})", ("tool", W), ("webapp id", L),
+                   ("cost", R), ("inputs: name -> node.field [=default]", W))
+    for name, tool in values["tools"].items():
+        inputs = ", ".join(f"{i} -> {spec['node_id']}.{spec['field']}" + ("" if spec["required"] else f" ={spec['default']}")
+                           for i, spec in tool["inputs"].items())
+        tools.add_row(_cell(name), _cell(tool["webapp_id"]), _cell(tool["cost"]), _cell(inputs))
+    _print_table(console, tools, len(values["tools"]), "no tools configured")
 
 
 def render_unmatched(console: Console, result: Unmatched) -> None:
@@ -346,6 +402,7 @@ def _table(title: str | None, *columns: tuple[str, str]) -> Table:
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    # L and R columns keep their words whole; W columns take the remaining width and wrap.
     for header, kind in columns:
         wrap = kind == W
         table.add_column(header, justify="right" if kind == R else "left", no_wrap=not wrap,
