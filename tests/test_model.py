@@ -2,10 +2,18 @@
 the fake RunningHub server over real HTTP, on SQLite and on PostgreSQL, and compares it after
 every step with a small pure-Python model of the rules.
 
-The model knows balances, each job's status, slot and start time, the FIFO (queued jobs by id),
-refunds, the provider's view of every task, the scripted submit answers still to come and the
-webhook inbox. After every step: the invariant checker finds nothing, refund-audit is clean, and
-status(), balance(), job_detail() and unmatched_webhooks() say what the model says.
+The model knows the limit, balances, each job's status, slot and start time, the FIFO (queued
+jobs by id), refunds, pause, the provider's view of every task, the scripted submit answers
+still to come and the webhook inbox. It predicts every step exactly: which call is refused and
+why, who is started, requeued, failed or left unknown, what cleanup ends and how. After every
+manager call: the invariant checker finds nothing, status(), balance(), job_detail() and
+unmatched_webhooks() say what the model says, and refund-audit is clean (run whenever the model
+says the database changed; otherwise the same rows give the same answer).
+
+Webhooks come duplicated, reordered (a failure after a success), late (after cleanup or cancel),
+for unknown tasks, and early: a provider wrapper finishes the task and delivers its webhook to
+a second manager after the provider accepted the submit and before the submitting manager has
+stored the task id (deterministic; tests/test_inbox.py covers the same window with real timing).
 
 Crashes are modelled as the process dying at one of the manager's named fault points: the fault
 raises a BaseException (nothing in the manager catches it, the open transaction rolls back, as a
@@ -13,7 +21,7 @@ kill -9 would) and the machine then drops the manager and builds a new one over 
 
 Reproduce a failure with AIQUEUE_MODEL_SEED=<the printed seed>; without it each run draws a seed.
 AIQUEUE_MODEL_EXAMPLES and AIQUEUE_MODEL_STEPS run a longer hunt; AIQUEUE_MODEL_NO_SHRINK=1 skips
-shrinking (which can take minutes).
+shrinking (which can take Hypothesis's full five minutes).
 """
 
 from __future__ import annotations
@@ -59,7 +67,7 @@ from aiqueue.store.tables import metadata
 from tests.conftest import API_KEY, make_pg_schema_url, write_config
 from tests.invariants import check_invariants_on
 
-LIMIT = 2
+LIMITS = (1, 2, 3)  # queue.max_concurrent, drawn per example
 STALE = timedelta(minutes=10)  # queue.stale_after in tests/conftest.py's config
 USERS = ("ann", "bob", "cy", "dee")
 COSTS = {"upscale_image": 5, "upscale_video": 20}
@@ -76,7 +84,9 @@ CRASH_POINTS = (
     "cleanup:between-jobs",
 )
 EARLY = st.sampled_from([None, None, None, "success", "failed"])  # an early webhook for the next accepted submit
-SUBMIT_ANSWERS = ("accept", "busy", "reject:803", "http500", "lost")
+# reject:803 fails that job; reject:802 (our API key) halts the queue: every job would get it.
+SUBMIT_ANSWERS = ("accept", "busy", "reject:803", "reject:802", "http500", "lost")
+ACCOUNT_CODES = ("802",)
 STEPS = (
     timedelta(seconds=1),
     timedelta(seconds=59),
@@ -87,6 +97,9 @@ STEPS = (
 )
 MAX_EXAMPLES = int(os.environ.get("AIQUEUE_MODEL_EXAMPLES", "25"))
 STEP_COUNT = int(os.environ.get("AIQUEUE_MODEL_STEPS", "40"))
+# Read at import: the suite's autouse fixture clears AIQUEUE_* variables before each test runs.
+CHOSEN_SEED = os.environ.get("AIQUEUE_MODEL_SEED")
+NO_SHRINK = bool(os.environ.get("AIQUEUE_MODEL_NO_SHRINK"))
 
 
 class Crash(BaseException):
@@ -112,6 +125,7 @@ class MJob:
     task_id: str | None = None
     unknown: bool = False  # the submit's outcome is unknown: keeps its slot, never resubmitted
     refunded: bool = False
+    timeout_noted: bool = False  # a cleanup wrote its timeout reason, then cancelled at the provider
 
 
 @dataclass
@@ -132,14 +146,16 @@ class Model:
     """The rules, in plain Python. Mutations happen in the order the manager commits them; a
     fault point inside a transaction raises before the model mutates anything of it."""
 
-    def __init__(self, clock: FrozenClock) -> None:
+    def __init__(self, clock: FrozenClock, limit: int) -> None:
         self.clock = clock
+        self.limit = limit
         self.balances = dict.fromkeys(USERS, 0)
         self.jobs: dict[int, MJob] = {}
         self.script: deque[str] = deque()
         self.tasks: dict[str, str] = {}  # provider task id -> pending, success, failed, cancel
         self.inbox: dict[str, InboxRow] = {}  # body sha256 -> row
         self.armed: str | None = None
+        self.paused = False
         self.submits = 0
         self.early: str | None = None  # outcome of an early webhook for the next accepted submit
         self.new_tasks: list[NewTask] = []
@@ -168,6 +184,7 @@ class Model:
             tuple(sorted(self.balances.items())),
             tuple((j.id, j.status, j.slot, j.started_at, j.unknown, j.task_id) for j in self.jobs.values()),
             tuple(sorted((d, r.applied) for d, r in self.inbox.items())),
+            self.paused,
         )
 
     def crash_if(self, point: str) -> None:
@@ -224,18 +241,20 @@ class Model:
         while True:
             holders = self.holders()
             queued = self.queued()
-            if len(holders) >= LIMIT or not queued:
+            if self.paused or len(holders) >= self.limit or not queued:
                 break
             job = queued[0]
             used = {h.slot for h in holders}
             job.status, job.started_at, job.unknown = "starting", self.now, False
-            job.slot = min(s for s in range(1, LIMIT + 1) if s not in used)
+            job.slot = min(s for s in range(1, self.limit + 1) if s not in used)
             self.touched.add(job.id)
             self.crash_if("fill:after-claim")
             bucket = "unknown"
             answer = self.script.popleft() if self.script else "accept"
             self.submits += 1
-            name = answer.partition(":")[0]
+            name, _, code = answer.partition(":")
+            if name == "reject" and code in ACCOUNT_CODES:
+                name = "halt"
             if name == "accept":
                 early, self.early = self.early, None
                 # The record's transaction applies an early failure with a refund: a fault there
@@ -248,10 +267,12 @@ class Model:
                 job.status, bucket = "running", "started"
                 if early is not None:
                     self.end(job, "completed" if early == "success" else "failed")
-            elif name == "busy":
+            elif name in ("busy", "halt"):
                 job.status, job.slot, job.started_at = "queued", None, None
                 self.results.setdefault("requeued", []).append(job.id)
-                return  # busy stops the fill: the job keeps its place in the FIFO
+                if name == "halt":
+                    self.results["halted"] = [job.id]
+                return  # stops the fill: the job keeps its place in the FIFO
             elif name == "reject":
                 self.end(job, "failed")
                 bucket = "failed"
@@ -260,8 +281,8 @@ class Model:
                 if name == "lost":
                     self.new_tasks.append(NewTask(None))
             self.results.setdefault(bucket, []).append(job.id)
-        # A completed fill leaves no free slot next to a queued job.
-        assert len(self.holders()) == LIMIT or not self.queued()
+        # A completed fill leaves no free slot next to a queued job (unless paused).
+        assert self.paused or len(self.holders()) == self.limit or not self.queued()
 
     def expire(self) -> None:
         cutoff = self.now - STALE
@@ -276,12 +297,24 @@ class Model:
                 if state == "success":
                     target, bucket = "completed", "provider_completed"
                 elif state == "pending":
-                    self.tasks[job.task_id] = "cancel"  # cleanup cancels it at the provider first
-                else:
+                    job.timeout_noted = True  # the reason is written first, in its own transaction
+                    self.tasks[job.task_id] = "cancel"  # then the task is cancelled at the provider
+                elif not job.timeout_noted:
                     bucket = "provider_failed"
+                # else: an earlier cleanup timed it out and cancelled it (and died before the end):
+                # the provider's "failed" is that cancel's echo; the timeout is the reason.
             self.end(job, target)
             self.results.setdefault(bucket, []).append(job.id)
             self.crash_if("cleanup:between-jobs")
+
+    def pause(self) -> bool:
+        changed, self.paused = not self.paused, True
+        return changed
+
+    def resume(self) -> bool:
+        changed, self.paused = self.paused, False
+        self.fill()
+        return changed
 
     def cancel(self, job_id: int) -> bool:
         job = self.jobs.get(job_id)
@@ -425,20 +458,26 @@ def build_machine(db: Database, hub: Any, config: Path, http: httpx.Client) -> t
             hub.reset()
             self.url = db.fresh()
             self.clock = FrozenClock(datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc))
-            self.settings = load_settings(config, db_url=self.url, env={"RUNNINGHUB_API_KEY": API_KEY})
-            assert self.settings.max_concurrent == LIMIT and self.settings.stale_after == STALE
+            self.limit = LIMITS[1]
+            self.settings = self.load_settings()
             self.stores: list[Store] = []
             self.manager, self.provider = self._build()
             self.manager.init_db()
             db.created()
             self.receiver, _ = self._build()  # another process, where webhooks arrive
             self.checker = create_engine(self.url)
-            self.model = Model(self.clock)
+            self.model = Model(self.clock, self.limit)
             self.bodies: list[tuple[str, bytes, str]] = []  # task id, webhook body, outcome
             self.unknown_tasks = 0
             self.early_log: list[tuple[str, bytes, Any]] = []
             self.dirty = True  # the manager was used since the last full check
             self.changed = True  # ... and the model says the database changed
+
+        def load_settings(self) -> Any:
+            env = {"RUNNINGHUB_API_KEY": API_KEY, "AIQUEUE_MAX_CONCURRENT": str(self.limit)}
+            settings = load_settings(config, db_url=self.url, env=env)
+            assert settings.max_concurrent == self.limit and settings.stale_after == STALE
+            return settings
 
         def _build(self) -> tuple[QueueManager, HookedProvider]:
             store = Store(self.url)
@@ -510,6 +549,7 @@ def build_machine(db: Database, hub: Any, config: Path, http: httpx.Client) -> t
             queue (busy), failed at submit, or was left with an unknown outcome."""
             said = {name: [j.id for j in getattr(process, name)] for name in ("started", "requeued", "failed", "unknown")}
             assert said == {name: self.model.results.get(name, []) for name in said}, (said, self.model.results)
+            assert (process.halted is not None) == ("halted" in self.model.results), process.halted
 
         def same_expiry(self, result: Any) -> None:
             buckets = {"timed_out": "expired", "provider_completed": "completed", "provider_failed": "failed"}
@@ -572,8 +612,20 @@ def build_machine(db: Database, hub: Any, config: Path, http: httpx.Client) -> t
             got, _ = self.step(lambda: self.manager.grant(user, amount), lambda: self.model.grant(user, amount))
             assert got.balance == self.model.balances[user]
 
-        @initialize(amounts=st.lists(st.sampled_from([0, 5, 25, 100, 100]), min_size=len(USERS), max_size=len(USERS)))
-        def opening_balances(self, amounts: list[int]) -> None:
+        @initialize(
+            limit=st.sampled_from(LIMITS),
+            amounts=st.lists(st.sampled_from([0, 5, 25, 100, 100]), min_size=len(USERS), max_size=len(USERS)),
+        )
+        def opening(self, limit: int, amounts: list[int]) -> None:
+            """The concurrency limit this example runs with (1 makes a queue at once, 3 leaves
+            room), and the users' opening balances."""
+            if limit != self.limit:
+                self.limit = self.model.limit = limit
+                self.settings = self.load_settings()
+                self.manager.store.dispose()
+                self.receiver.store.dispose()
+                self.manager, self.provider = self._build()
+                self.receiver, _ = self._build()
             for user, amount in zip(USERS, amounts):
                 if amount:
                     self.grant(user, amount)
@@ -581,6 +633,16 @@ def build_machine(db: Database, hub: Any, config: Path, http: httpx.Client) -> t
         @rule(user=st.sampled_from(USERS), tool=st.sampled_from(sorted(COSTS)), early=EARLY)
         def enqueue_and_start(self, user: str, tool: str, early: str | None) -> None:
             self.enqueue(user, tool, start=True, early=early)
+
+        @rule(jobs=st.lists(st.tuples(st.sampled_from(USERS), st.sampled_from(sorted(COSTS))), min_size=2, max_size=4),
+              start=st.booleans())
+        def enqueue_burst(self, jobs: list[tuple[str, str]], start: bool) -> None:
+            """Several enqueues in a row (a queue forms; a user may try a second job), each
+            checked against the model as a step of its own."""
+            for n, (user, tool) in enumerate(jobs):
+                if n:
+                    self.agrees_with_the_model()
+                self.enqueue(user, tool, start)
 
         @rule(user=st.sampled_from(USERS), tool=st.sampled_from(sorted(COSTS)), start=st.booleans())
         def enqueue(self, user: str, tool: str, start: bool, early: str | None = None) -> None:
@@ -697,6 +759,17 @@ def build_machine(db: Database, hub: Any, config: Path, http: httpx.Client) -> t
                 assert got.refunded == (self.model.jobs[job_id].cost if want and ending == "failed" else 0)
                 self.same_fill(got.process)
 
+        @rule(pause=st.booleans())
+        def pause_or_resume(self, pause: bool) -> None:
+            """Pause stops claims (queued jobs keep their places); resume fills at once."""
+            if pause:
+                got, want = self.step(self.manager.pause, self.model.pause)
+            else:
+                got, want = self.step(self.manager.resume, self.model.resume)
+            if got is not None:
+                assert got.paused is pause and got.changed is want
+                self.same_fill(got.process)
+
         @rule(chore=st.sampled_from(["restart", "refund_audit_fix", "unknown_job_ids"]))
         def operator_chores(self, chore: str) -> None:
             """Rarer operator acts, as one rule so they do not crowd out the queue's traffic."""
@@ -767,7 +840,7 @@ def build_machine(db: Database, hub: Any, config: Path, http: httpx.Client) -> t
             if not self.dirty:
                 return
             model = self.model
-            assert check_invariants_on(self.checker, LIMIT) == []
+            assert check_invariants_on(self.checker, self.limit) == []
             if self.changed:
                 assert self.manager.refund_audit().ok
             self.dirty = self.changed = False
@@ -786,7 +859,8 @@ def build_machine(db: Database, hub: Any, config: Path, http: httpx.Client) -> t
                 assert self.manager.balance(user).balance == model.balances[user], user
 
             status = self.manager.status()
-            assert status.limit == LIMIT and len(status.running) <= LIMIT
+            assert status.limit == self.limit and len(status.running) <= self.limit
+            assert status.paused is model.paused
             assert [(j.id, j.slot, str(j.status), j.started_at) for j in status.running] == [
                 (j.id, j.slot, j.status, j.started_at) for j in model.holders()
             ]
@@ -822,12 +896,11 @@ def build_machine(db: Database, hub: Any, config: Path, http: httpx.Client) -> t
 
 
 def test_the_manager_agrees_with_the_model(backend: str, tmp_path: Path, fake_hub: Any) -> None:
-    config = write_config(tmp_path / "aiqueue.toml", fake_hub.base_url, max_concurrent=LIMIT)
+    config = write_config(tmp_path / "aiqueue.toml", fake_hub.base_url, max_concurrent=LIMITS[1])
     db = Database(backend, tmp_path)
     http = httpx.Client()  # one transport for every example: building its SSL context is slow
     machine = build_machine(db, fake_hub, config, http)
-    chosen = os.environ.get("AIQUEUE_MODEL_SEED")
-    run_seed = int(chosen) if chosen else random.getrandbits(32)
+    run_seed = int(CHOSEN_SEED) if CHOSEN_SEED else random.getrandbits(32)
     machine_settings = settings(
         max_examples=MAX_EXAMPLES,
         stateful_step_count=STEP_COUNT,
@@ -836,7 +909,7 @@ def test_the_manager_agrees_with_the_model(backend: str, tmp_path: Path, fake_hu
         database=None,  # a run is a function of its seed alone
         suppress_health_check=[HealthCheck.too_slow],
         # Shrinking a failure can take Hypothesis's full five minutes; skip it when hunting.
-        phases=[p for p in Phase if p is not Phase.shrink or not os.environ.get("AIQUEUE_MODEL_NO_SHRINK")],
+        phases=[p for p in Phase if not (NO_SHRINK and p in (Phase.shrink, Phase.explain))],
     )
     test = hypothesis_seed(run_seed)(get_state_machine_test(machine, settings=machine_settings))
     try:
