@@ -1,5 +1,6 @@
-"""The Typer app: thin commands (parse, call one QueueManager method, render) and main(), the one
-place errors become exit codes.
+"""The Typer app's core commands (parse, call one QueueManager method, render) and main(), the one
+place errors become exit codes. Options, the app object and the shared helpers are in common.py;
+more commands live in cmd_*.py, imported at the bottom so that they register.
 
 Kept cheap to import: the manager, the store (SQLAlchemy) and the provider (httpx) are reached
 through `wiring` inside the commands, and rich only when a table is drawn, so `--help` and
@@ -13,153 +14,23 @@ import re
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from enum import Enum
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from typer.main import get_command
 
 from aiqueue.cli import params, render, wiring
-from aiqueue.domain import ProcessResult
-from aiqueue.errors import AiqueueError, AuditProblemsError, ProviderError, UsageError
-
-if TYPE_CHECKING:
-    from aiqueue.manager import QueueManager
-
-# --- options and arguments, each declared once ---------------------------------------------------
-
-
-class FinishStatus(str, Enum):
-    completed = "completed"
-    failed = "failed"
-
-
-Text = Optional[str]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (errors on stderr).")]
-ConfigOpt = Annotated[Optional[Path], typer.Option(
-    "--config", metavar="PATH", show_default=False,
-    help="Config file. Default: $AIQUEUE_CONFIG, else ./aiqueue.toml, else ~/.config/aiqueue/config.toml.")]
-DbOpt = Annotated[Text, typer.Option(
-    "--db", metavar="URL", show_default=False,
-    help="Database URL; overrides $AIQUEUE_DATABASE_URL and database.url.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for unexpected errors.")]
-JobIdArg = Annotated[int, typer.Argument(metavar="JOB_ID", parser=params.job_id, show_default=False)]
-OptionalJobIdArg = Annotated[Optional[int], typer.Argument(
-    metavar="JOB_ID", parser=params.job_id, show_default=False)]
-UserArg = Annotated[str, typer.Argument(metavar="USER", show_default=False, help="User id.")]
-AmountArg = Annotated[str, typer.Argument(metavar="AMOUNT", show_default=False, help="A positive integer.")]
-NoteOpt = Annotated[Text, typer.Option("--note", metavar="TEXT", help="Why (kept in the ledger).")]
-LimitOpt = Annotated[Optional[int], typer.Option(
-    "--limit", metavar="N", min=1, max=1_000_000, show_default=False, help="Show at most N rows.")]
-UserFilterOpt = Annotated[Text, typer.Option("--user", metavar="USER", help="Only this user's entries.")]
-JobFilterOpt = Annotated[Optional[int], typer.Option(
-    "--job", metavar="ID", parser=params.job_id, help="Only this job's entries.")]
-UserOpt = Annotated[str, typer.Option("--user", metavar="USER", show_default=False, help="Who pays.")]
-ToolOpt = Annotated[str, typer.Option("--tool", metavar="TOOL", show_default=False, help="A tool from the config.")]
-InputOpt = Annotated[Optional[list[str]], typer.Option(
-    "--input", metavar="NAME=VALUE", help="A tool input (repeatable).")]
-NoStartOpt = Annotated[bool, typer.Option("--no-start", help="Only queue it; do not fill free slots.")]
-FinishStatusOpt = Annotated[Optional[FinishStatus], typer.Option("--status", help="How the job ended.")]
-ErrorOpt = Annotated[Text, typer.Option("--error", metavar="MSG", help="The provider's real failure message.")]
-OutputOpt = Annotated[Optional[list[str]], typer.Option(
-    "--output", metavar="URL", help="An output URL (repeatable).")]
-WebhookOpt = Annotated[Text, typer.Option(
-    "--webhook", metavar="FILE|-", help="A raw RunningHub webhook body; '-' reads stdin.")]
-ReasonOpt = Annotated[Text, typer.Option("--reason", metavar="TEXT", help="Why (kept in the job's history).")]
-OlderThanOpt = Annotated[Text, typer.Option(
-    "--older-than", metavar="DURATION", show_default=False,
-    help="End jobs holding a slot longer than this (90s, 10m, 1h). Default: queue.stale_after.")]
-FixOpt = Annotated[bool, typer.Option("--fix", help="Add missing refunds and reset cached balances.")]
-PortOpt = Annotated[int, typer.Option("--port", metavar="N", min=0, max=65535, help="0 picks a free port.")]
-ApiKeyOpt = Annotated[Text, typer.Option(
-    "--api-key", metavar="KEY", show_default=False, help="Refuse other keys (default: accept any).")]
-
-
-@dataclass(frozen=True)
-class Globals:
-    config: Path | None
-    db: str | None
-    json: bool  # `aiqueue --json status` works as well as `aiqueue status --json`
-
-
-app = typer.Typer(
-    name="aiqueue",
-    help="Run a queue of paid AI jobs on RunningHub: global slots, one FIFO, a credit ledger.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+from aiqueue.cli.common import (
+    STARTER_CONFIG, AmountArg, ApiKeyOpt, ErrorOpt, FinishStatusOpt, FixOpt, InputOpt, JobFilterOpt,
+    JobIdArg, JsonOpt, LimitOpt, NoStartOpt, NoteOpt, OlderThanOpt, OptionalJobIdArg, OutputOpt,
+    PortOpt, ReasonOpt, ToolOpt, UserArg, UserFilterOpt, UserOpt, WebhookOpt, app, config_app,
+    credits_app, manager_of, options_of, show,
 )
-db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
-credits_app = typer.Typer(help="Credits: grants, balances and the ledger.", no_args_is_help=True)
-app.add_typer(db_app, name="db")
-app.add_typer(credits_app, name="credits")
-config_app = typer.Typer(help="The config file: write a starter, show the effective values, check.",
-                         no_args_is_help=True)
-app.add_typer(config_app, name="config")
-
-STARTER_CONFIG: dict[str, Any] = {
-    "queue": {"max_concurrent": 3, "stale_after": "10m"},
-    "provider": {"name": "runninghub", "base_url": "https://www.runninghub.ai", "timeout": 10},
-    "tools": {
-        "upscale_image": {
-            "webapp_id": "1990000000000000001",
-            "cost": 5,
-            "inputs": {
-                "image": {"node_id": "12", "field": "image"},
-                "scale": {"node_id": "15", "field": "value", "default": "2"},
-            },
-        },
-    },
-}
-
-
-@app.callback()
-def root(
-    ctx: typer.Context, config: ConfigOpt = None, db: DbOpt = None, debug: DebugOpt = False,
-    as_json: JsonOpt = False,
-) -> None:
-    # Settings load lazily in _manager(): `aiqueue enqueue --help` must not need a valid config.
-    # --debug and --json are also read by main() from argv, as errors may come before this runs.
-    ctx.obj = Globals(config=config, db=db, json=as_json)
-
-
-def _globals(ctx: typer.Context) -> Globals:
-    options = ctx.find_object(Globals)
-    assert options is not None
-    return options
-
-
-def _manager(ctx: typer.Context) -> QueueManager:
-    options = _globals(ctx)
-    return ctx.with_resource(wiring.managed(options.config, options.db))
-
-
-def _show(ctx: typer.Context, as_json: bool, result: render.Result, table: Callable[[Any, Any], None]) -> None:
-    render.show(as_json or _globals(ctx).json, result, table)
-    # Every command that frees or fills slots says so when the fill stopped for every job (a
-    # rejected API key, a tool missing from the config): the jobs stay queued in their places.
-    process = result if isinstance(result, ProcessResult) else getattr(result, "process", None)
-    if process is not None and process.halted:
-        render.note(f"warning: the queue is halted, jobs stay queued: {process.halted}")
-        if isinstance(result, ProcessResult):  # process-next's whole point was the fill
-            raise typer.Exit(ProviderError.exit_code)
-
+from aiqueue.errors import AiqueueError, AuditProblemsError, UsageError
 
 # --- commands -----------------------------------------------------------------------------------
-
-
-@db_app.command("init")
-def db_init(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Create the schema if it is missing (idempotent)."""
-    from aiqueue.settings import mask_url
-
-    manager = _manager(ctx)
-    created = manager.init_db()
-    answer = render.SchemaInit(created, mask_url(manager.settings.database_url))
-    _show(ctx, as_json, answer, render.render_db_init)
 
 
 # ignore_unknown_options: "-5" reaches AMOUNT (and its clear message) instead of "No such option".
@@ -169,13 +40,13 @@ def credits_grant(
 ) -> None:
     """Add credits to a user's balance."""
     credits = params.positive_int(amount, "AMOUNT")
-    _show(ctx, as_json, _manager(ctx).grant(user, credits, note), render.render_grant)
+    show(ctx, as_json, manager_of(ctx).grant(user, credits, note), render.render_grant)
 
 
 @credits_app.command("balance")
 def credits_balance(ctx: typer.Context, user: UserArg, as_json: JsonOpt = False) -> None:
     """A user's balance."""
-    _show(ctx, as_json, _manager(ctx).balance(user), render.render_balance)
+    show(ctx, as_json, manager_of(ctx).balance(user), render.render_balance)
 
 
 @credits_app.command("ledger")
@@ -184,8 +55,8 @@ def credits_ledger(
     as_json: JsonOpt = False,
 ) -> None:
     """Ledger entries (grants, charges, refunds), oldest first."""
-    entries = _manager(ctx).ledger(user=user, job_id=job, limit=limit)
-    _show(ctx, as_json, render.Entries(entries), render.render_entries)
+    entries = manager_of(ctx).ledger(user=user, job_id=job, limit=limit)
+    show(ctx, as_json, render.Entries(entries), render.render_entries)
 
 
 @app.command()
@@ -195,33 +66,7 @@ def enqueue(
 ) -> None:
     """Charge the tool's cost and queue a job; start it at once when a slot is free."""
     given = params.inputs(inputs)
-    _show(ctx, as_json, _manager(ctx).enqueue(user, tool, given, start=not no_start), render.render_enqueue)
-
-
-UnmatchedOpt = Annotated[bool, typer.Option(
-    "--unmatched", help="List kept webhooks whose task no job has (yet).")]
-
-
-@app.command()
-def status(
-    ctx: typer.Context, job_id: OptionalJobIdArg = None, limit: LimitOpt = None,
-    unmatched: UnmatchedOpt = False, as_json: JsonOpt = False,
-) -> None:
-    """The running slots and the queue; or, with JOB_ID, one job with its events and ledger.
-
-    Example: aiqueue status --limit 20; aiqueue status 42 --json; aiqueue status --unmatched
-    """
-    if unmatched:
-        if job_id is not None or limit is not None:
-            raise UsageError("--unmatched lists webhooks; it goes without JOB_ID and --limit")
-        result = render.Unmatched(_manager(ctx).unmatched_webhooks())
-        _show(ctx, as_json, result, render.render_unmatched)
-    elif job_id is None:
-        _show(ctx, as_json, _manager(ctx).status(limit), render.render_status)
-    elif limit is not None:
-        raise UsageError("--limit lists the queue; it does not go with JOB_ID")
-    else:
-        _show(ctx, as_json, _manager(ctx).job_detail(job_id), render.render_job_detail)
+    show(ctx, as_json, manager_of(ctx).enqueue(user, tool, given, start=not no_start), render.render_enqueue)
 
 
 @app.command()
@@ -231,7 +76,7 @@ def pause(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
     Example: aiqueue pause; aiqueue status; aiqueue resume
     """
-    _show(ctx, as_json, _manager(ctx).pause(), render.render_pause)
+    show(ctx, as_json, manager_of(ctx).pause(), render.render_pause)
 
 
 @app.command()
@@ -240,7 +85,7 @@ def resume(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
     Example: aiqueue resume --json
     """
-    _show(ctx, as_json, _manager(ctx).resume(), render.render_pause)
+    show(ctx, as_json, manager_of(ctx).resume(), render.render_pause)
 
 
 @config_app.command("init")
@@ -257,20 +102,20 @@ def config_init(
     """
     from aiqueue.settings import save_config
 
-    target = save_config(path or _globals(ctx).config or Path("aiqueue.toml"), STARTER_CONFIG, force=force)
-    _show(ctx, as_json, render.Written(str(target)), render.render_written)
+    target = save_config(path or options_of(ctx).config or Path("aiqueue.toml"), STARTER_CONFIG, force=force)
+    show(ctx, as_json, render.Written(str(target)), render.render_written)
 
 
 @config_app.command("show")
-def config_show(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+def configshow(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """The effective settings, secrets masked, and where each value came from.
 
     Example: aiqueue config show --json
     """
     from aiqueue.settings import load_settings, redacted
 
-    options = _globals(ctx)
-    _show(ctx, as_json, render.ConfigView(redacted(load_settings(options.config, options.db))), render.render_config)
+    options = options_of(ctx)
+    show(ctx, as_json, render.ConfigView(redacted(load_settings(options.config, options.db))), render.render_config)
 
 
 @config_app.command("check")
@@ -281,15 +126,15 @@ def config_check(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """
     from aiqueue.settings import load_settings, redacted
 
-    options = _globals(ctx)
+    options = options_of(ctx)
     view = redacted(load_settings(options.config, options.db))
-    _show(ctx, as_json, render.ConfigView(view, checked=True), render.render_config)
+    show(ctx, as_json, render.ConfigView(view, checked=True), render.render_config)
 
 
 @app.command("process-next")
 def process_next(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """End stale jobs, then fill every free slot in FIFO order."""
-    _show(ctx, as_json, _manager(ctx).process_next(), render.render_process)
+    show(ctx, as_json, manager_of(ctx).process_next(), render.render_process)
 
 
 @app.command()
@@ -302,17 +147,17 @@ def finish(
     if webhook is not None:
         from aiqueue.webhooks import MAX_BODY_BYTES
 
-        result = _manager(ctx).finish_webhook(params.webhook_body(webhook, MAX_BODY_BYTES))
+        result = manager_of(ctx).finish_webhook(params.webhook_body(webhook, MAX_BODY_BYTES))
     else:
         assert job_id is not None and outcome is not None
-        result = _manager(ctx).finish(job_id, outcome.value, error=error, outputs=outputs)
-    _show(ctx, as_json, result, render.render_finish)
+        result = manager_of(ctx).finish(job_id, outcome.value, error=error, outputs=outputs)
+    show(ctx, as_json, result, render.render_finish)
 
 
 @app.command()
 def cancel(ctx: typer.Context, job_id: JobIdArg, reason: ReasonOpt = None, as_json: JsonOpt = False) -> None:
     """Cancel a queued, starting or running job (at the provider too) and refund it."""
-    _show(ctx, as_json, _manager(ctx).cancel(job_id, reason), render.render_finish)
+    show(ctx, as_json, manager_of(ctx).cancel(job_id, reason), render.render_finish)
 
 
 @app.command()
@@ -326,14 +171,14 @@ def cleanup(
     Example: aiqueue cleanup --older-than 15m --dry-run
     """
     limit = params.duration(older_than, "--older-than")
-    _show(ctx, as_json, _manager(ctx).cleanup(limit, dry_run=dry_run), render.render_cleanup)
+    show(ctx, as_json, manager_of(ctx).cleanup(limit, dry_run=dry_run), render.render_cleanup)
 
 
 @app.command("refund-audit")
 def refund_audit(ctx: typer.Context, fix: FixOpt = False, as_json: JsonOpt = False) -> None:
     """Check jobs against the ledger; exit 10 unless it is clean (after --fix)."""
-    result = _manager(ctx).refund_audit(fix=fix)
-    _show(ctx, as_json, result, render.render_audit)
+    result = manager_of(ctx).refund_audit(fix=fix)
+    show(ctx, as_json, result, render.render_audit)
     if not result.ok:
         raise typer.Exit(AuditProblemsError.exit_code)
 
@@ -355,7 +200,7 @@ def fake_runninghub(
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     try:
-        _show(ctx, as_json, render.ServerInfo(hub.base_url), render.render_server)
+        show(ctx, as_json, render.ServerInfo(hub.base_url), render.render_server)
         hub.wait()
     except KeyboardInterrupt:
         pass  # Ctrl-C is how an operator ends a rehearsal
@@ -376,7 +221,7 @@ def demo(
     """
     from aiqueue.cli.demo import run_demo
 
-    as_json = as_json or _globals(ctx).json
+    as_json = as_json or options_of(ctx).json
     summary = run_demo(keep, as_json)
     if as_json:
         render.write_json(summary)
@@ -385,6 +230,9 @@ def demo(
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
+
+# Command modules register on `app` when imported.
+from aiqueue.cli import cmd_bench, cmd_db, cmd_health, cmd_status, cmd_webhook  # noqa: E402, F401
 
 # --- the one catch point ------------------------------------------------------------------------
 

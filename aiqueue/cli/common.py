@@ -1,0 +1,143 @@
+"""What every command module shares: the Typer app and its sub-apps, the options declared once,
+and the three helpers a command is made of (settings-free globals, the manager, the renderer).
+
+Command modules (app.py's core commands, cmd_*.py) register on `app` here; app.py imports them
+all and holds main(), the one catch point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+from aiqueue.cli import params, render, wiring
+from aiqueue.domain import ProcessResult
+from aiqueue.errors import ProviderError
+
+if TYPE_CHECKING:
+    from aiqueue.manager import QueueManager
+
+# --- options and arguments, each declared once ---------------------------------------------------
+
+
+class FinishStatus(str, Enum):
+    completed = "completed"
+    failed = "failed"
+
+
+Text = Optional[str]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (errors on stderr).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", metavar="PATH", show_default=False,
+    help="Config file. Default: $AIQUEUE_CONFIG, else ./aiqueue.toml, else ~/.config/aiqueue/config.toml.")]
+DbOpt = Annotated[Text, typer.Option(
+    "--db", metavar="URL", show_default=False,
+    help="Database URL; overrides $AIQUEUE_DATABASE_URL and database.url.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for unexpected errors.")]
+JobIdArg = Annotated[int, typer.Argument(metavar="JOB_ID", parser=params.job_id, show_default=False)]
+OptionalJobIdArg = Annotated[Optional[int], typer.Argument(
+    metavar="JOB_ID", parser=params.job_id, show_default=False)]
+UserArg = Annotated[str, typer.Argument(metavar="USER", show_default=False, help="User id.")]
+AmountArg = Annotated[str, typer.Argument(metavar="AMOUNT", show_default=False, help="A positive integer.")]
+NoteOpt = Annotated[Text, typer.Option("--note", metavar="TEXT", help="Why (kept in the ledger).")]
+LimitOpt = Annotated[Optional[int], typer.Option(
+    "--limit", metavar="N", min=1, max=1_000_000, show_default=False, help="Show at most N rows.")]
+UserFilterOpt = Annotated[Text, typer.Option("--user", metavar="USER", help="Only this user's entries.")]
+JobFilterOpt = Annotated[Optional[int], typer.Option(
+    "--job", metavar="ID", parser=params.job_id, help="Only this job's entries.")]
+UserOpt = Annotated[str, typer.Option("--user", metavar="USER", show_default=False, help="Who pays.")]
+ToolOpt = Annotated[str, typer.Option("--tool", metavar="TOOL", show_default=False, help="A tool from the config.")]
+InputOpt = Annotated[Optional[list[str]], typer.Option(
+    "--input", metavar="NAME=VALUE", help="A tool input (repeatable).")]
+NoStartOpt = Annotated[bool, typer.Option("--no-start", help="Only queue it; do not fill free slots.")]
+FinishStatusOpt = Annotated[Optional[FinishStatus], typer.Option("--status", help="How the job ended.")]
+ErrorOpt = Annotated[Text, typer.Option("--error", metavar="MSG", help="The provider's real failure message.")]
+OutputOpt = Annotated[Optional[list[str]], typer.Option(
+    "--output", metavar="URL", help="An output URL (repeatable).")]
+WebhookOpt = Annotated[Text, typer.Option(
+    "--webhook", metavar="FILE|-", help="A raw RunningHub webhook body; '-' reads stdin.")]
+ReasonOpt = Annotated[Text, typer.Option("--reason", metavar="TEXT", help="Why (kept in the job's history).")]
+OlderThanOpt = Annotated[Text, typer.Option(
+    "--older-than", metavar="DURATION", show_default=False,
+    help="End jobs holding a slot longer than this (90s, 10m, 1h). Default: queue.stale_after.")]
+FixOpt = Annotated[bool, typer.Option("--fix", help="Add missing refunds and reset cached balances.")]
+PortOpt = Annotated[int, typer.Option("--port", metavar="N", min=0, max=65535, help="0 picks a free port.")]
+ApiKeyOpt = Annotated[Text, typer.Option(
+    "--api-key", metavar="KEY", show_default=False, help="Refuse other keys (default: accept any).")]
+
+
+@dataclass(frozen=True)
+class Globals:
+    config: Path | None
+    db: str | None
+    json: bool  # `aiqueue --json status` works as well as `aiqueue status --json`
+
+
+app = typer.Typer(
+    name="aiqueue",
+    help="Run a queue of paid AI jobs on RunningHub: global slots, one FIFO, a credit ledger.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
+credits_app = typer.Typer(help="Credits: grants, balances and the ledger.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(credits_app, name="credits")
+config_app = typer.Typer(help="The config file: write a starter, show the effective values, check.",
+                         no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+STARTER_CONFIG: dict[str, Any] = {
+    "queue": {"max_concurrent": 3, "stale_after": "10m"},
+    "provider": {"name": "runninghub", "base_url": "https://www.runninghub.ai", "timeout": 10},
+    "tools": {
+        "upscale_image": {
+            "webapp_id": "1990000000000000001",
+            "cost": 5,
+            "inputs": {
+                "image": {"node_id": "12", "field": "image"},
+                "scale": {"node_id": "15", "field": "value", "default": "2"},
+            },
+        },
+    },
+}
+
+
+@app.callback()
+def root(
+    ctx: typer.Context, config: ConfigOpt = None, db: DbOpt = None, debug: DebugOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    # Settings load lazily in _manager(): `aiqueue enqueue --help` must not need a valid config.
+    # --debug and --json are also read by main() from argv, as errors may come before this runs.
+    ctx.obj = Globals(config=config, db=db, json=as_json)
+
+
+def options_of(ctx: typer.Context) -> Globals:
+    options = ctx.find_object(Globals)
+    assert options is not None
+    return options
+
+
+def manager_of(ctx: typer.Context) -> QueueManager:
+    options = options_of(ctx)
+    return ctx.with_resource(wiring.managed(options.config, options.db))
+
+
+def show(ctx: typer.Context, as_json: bool, result: render.Result, table: Callable[[Any, Any], None]) -> None:
+    render.show(as_json or options_of(ctx).json, result, table)
+    # Every command that frees or fills slots says so when the fill stopped for every job (a
+    # rejected API key, a tool missing from the config): the jobs stay queued in their places.
+    process = result if isinstance(result, ProcessResult) else getattr(result, "process", None)
+    if process is not None and process.halted:
+        render.note(f"warning: the queue is halted, jobs stay queued: {process.halted}")
+        if isinstance(result, ProcessResult):  # process-next's whole point was the fill
+            raise typer.Exit(ProviderError.exit_code)
+
+
