@@ -283,6 +283,8 @@ class AuditProblem:
 class AuditResult:
     problems: list[AuditProblem]  # what is still wrong (after --fix, what could not be fixed)
     fixed: list[AuditProblem]
+    would_fix: list[AuditProblem] = field(default_factory=list)  # --fix --dry-run: what --fix would repair
+    dry_run: bool = False
 
     @property
     def ok(self) -> bool:
@@ -293,6 +295,8 @@ class AuditResult:
             "ok": self.ok,
             "problems": [p.to_dict() for p in self.problems],
             "fixed": [p.to_dict() for p in self.fixed],
+            "dry_run": self.dry_run,
+            "would_fix": [p.to_dict() for p in self.would_fix],
         }
 
 

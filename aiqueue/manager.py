@@ -301,7 +301,9 @@ class QueueManager:
                 )
         raise ConflictError(f"job {job_id} kept changing while being cancelled; try again", job_id=job_id)
 
-    def cleanup(self, older_than: timedelta | None = None, *, dry_run: bool = False) -> CleanupResult:
+    def cleanup(
+        self, older_than: timedelta | None = None, *, dry_run: bool = False, progress: Progress | None = None
+    ) -> CleanupResult:
         """End jobs that have held a slot longer than `older_than` (default queue.stale_after),
         asking the provider first; refund the failed ones; then start the next jobs. With
         dry_run, only list the stale jobs: no provider call, no change."""
@@ -309,29 +311,35 @@ class QueueManager:
             cutoff = self.clock.now() - (older_than or self.settings.stale_after)
             stale = self.store.read(lambda tx: tx.stale(cutoff))
             return CleanupResult(expired=[], completed=[], failed=[], stale=stale, dry_run=True)
-        result = self._expire(older_than or self.settings.stale_after)
+        result = self._expire(older_than or self.settings.stale_after, progress or _no_progress)
         return replace(result, process=self._fill())
 
     # --- the refund audit -----------------------------------------------------------------
 
-    def refund_audit(self, fix: bool = False) -> AuditResult:
+    def refund_audit(
+        self, fix: bool = False, *, dry_run: bool = False, progress: Progress | None = None
+    ) -> AuditResult:
         """Compare jobs, ledger and cached balances. With fix, add missing refunds and reset
-        cached balances to the ledger's sum (idempotent); other problems need a human."""
-        problems = self._audit()
+        cached balances to the ledger's sum (idempotent); other problems need a human. With
+        fix and dry_run, list what fix would change and change nothing. `progress(done, total)`
+        is told of each step (the checks, then each fix)."""
+        tick = progress or _no_progress
+        problems = self._audit(tick)
         if not fix:
             return AuditResult(problems=problems, fixed=[])
+        if dry_run:
+            return AuditResult(problems=problems, fixed=[], would_fix=_fixable(problems), dry_run=True)
         fixed: list[AuditProblem] = []
-        for problem in problems:
-            if problem.kind == "missing_refund" and self._fix_refund(problem):
+        refunds = [p for p in problems if p.kind == "missing_refund"]
+        for done, problem in enumerate(refunds, start=1):
+            if self._fix_refund(problem):
                 fixed.append(problem)
-        remaining = self._audit()
-        # A user whose ledger rows are themselves wrong keeps the mismatch for a human: resetting
-        # the balance to a tampered sum would move credits along the tampering and hide it.
-        suspect = {p.user for p in remaining if p.kind != "balance_mismatch"}
-        for problem in remaining:
-            if problem.kind == "balance_mismatch" and problem.user not in suspect and self._fix_balance(problem.user):
+            tick(done, len(refunds))
+        remaining = self._audit(tick)
+        for problem in _fixable(remaining):
+            if problem.kind == "balance_mismatch" and self._fix_balance(problem.user):
                 fixed.append(problem)
-        return AuditResult(problems=self._audit(), fixed=fixed)
+        return AuditResult(problems=self._audit(tick), fixed=fixed)
 
     # --- internals ------------------------------------------------------------------------
 
@@ -521,13 +529,14 @@ class QueueManager:
             tx.mark_webhook(row.id, job.id, result.message or f"job {job.id} {job.status}", self.clock.now())
         return job
 
-    def _expire(self, older_than: timedelta) -> CleanupResult:
+    def _expire(self, older_than: timedelta, progress: Progress | None = None) -> CleanupResult:
+        tick = progress or _no_progress
         now = self.clock.now()
         stale = self.store.read(lambda tx: tx.stale(now - older_than))
         expired: list[Job] = []
         completed: list[Job] = []
         failed: list[Job] = []
-        for job in stale:
+        for done, job in enumerate(stale, start=1):
             held = format_duration(now - job.started_at) if job.started_at else "?"
             limit = format_duration(older_than)
             target, error, outputs, bucket = Status.FAILED, "", [], expired
@@ -570,20 +579,26 @@ class QueueManager:
             if ended is not None:
                 (expired if timed_out else bucket).append(ended.job)
                 self.fault("cleanup:between-jobs")
+            tick(done, len(stale))
         return CleanupResult(expired=expired, completed=completed, failed=failed)
 
-    def _audit(self) -> list[AuditProblem]:
+    def _audit(self, progress: Progress | None = None) -> list[AuditProblem]:
+        tick = progress or _no_progress
+
         def tx_fn(tx: Tx) -> list[AuditProblem]:
             problems: list[AuditProblem] = []
             for r in tx.jobs_missing_refund():
                 problems.append(AuditProblem("missing_refund", r.id, r.user_id,
                                              f"{r.status} job has no refund of {r.cost}", fixable=True))
+            tick(1, 5)
             for r in tx.refunds_on_unrefundable():
                 problems.append(AuditProblem("refund_on_completed" if r.status == "completed" else "refund_on_active",
                                              r.id, r.user_id, f"{r.status} job was refunded {r.amount}", fixable=False))
+            tick(2, 5)
             for r in tx.jobs_missing_charge():
                 problems.append(AuditProblem("missing_charge", r.id, r.user_id,
                                              f"{r.status} job has no charge of {r.cost}", fixable=False))
+            tick(3, 5)
             for r in tx.wrong_amounts():
                 problems.append(AuditProblem("wrong_amount", r.id, r.user_id,
                                              f"{r.kind} of {r.amount} for user {r.entry_user!r} on a job costing {r.cost}",
@@ -592,9 +607,11 @@ class QueueManager:
                     problems.append(AuditProblem("wrong_user", r.id, r.entry_user,
                                                  f"{r.kind} of {r.amount} belongs to job {r.id} of user {r.user_id!r}",
                                                  fixable=False))
+            tick(4, 5)
             for r in tx.balance_mismatches():
                 problems.append(AuditProblem("balance_mismatch", None, r.user_id,
                                              f"cached balance {r.balance} but the ledger sums to {r.total}", fixable=True))
+            tick(5, 5)
             return problems
 
         return self.store.read(tx_fn)
@@ -721,3 +738,19 @@ def _resolve_inputs(spec: ToolSpec, given: Mapping[str, str]) -> dict[str, str]:
         else:
             raise InputError(f"tool {spec.name} needs input {name!r}: give --input {name}=VALUE", tool=spec.name)
     return resolved
+
+
+Progress = Callable[[int, int], None]  # (done, total) of a long operation, for a progress bar
+
+
+def _no_progress(done: int, total: int) -> None:
+    return None
+
+
+def _fixable(problems: Sequence[AuditProblem]) -> list[AuditProblem]:
+    """What --fix repairs: missing refunds, and cached balances of users whose ledger rows are
+    otherwise sound. A user whose rows are themselves wrong keeps the mismatch for a human:
+    resetting the balance to a tampered sum would move credits along the tampering and hide it."""
+    suspect = {p.user for p in problems if p.kind not in ("balance_mismatch", "missing_refund")}
+    return [p for p in problems
+            if p.kind == "missing_refund" or (p.kind == "balance_mismatch" and p.user not in suspect)]

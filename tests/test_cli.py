@@ -498,7 +498,7 @@ def test_refund_audit_clean_exit_0_problems_exit_10(cli: CLI, db_url: str) -> No
     fund(cli, "alice")
     job = enqueue(cli, "alice")
     ok(cli("cancel", str(job["id"])))
-    assert ok(cli("refund-audit", "--json")) == {"ok": True, "problems": [], "fixed": []}
+    assert ok(cli("refund-audit", "--json")) == {"ok": True, "problems": [], "fixed": [], "dry_run": False, "would_fix": []}
     assert "clean" in ok(cli("refund-audit"))
 
     from sqlalchemy import delete

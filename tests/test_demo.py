@@ -23,7 +23,7 @@ def test_demo_runs_the_full_lifecycle(tmp_path: Path) -> None:
     assert "CUDA out of memory" in jobs["bob"]["error"] and "KSampler" in jobs["bob"]["error"]
     assert "timed out" in jobs["carol"]["error"]
     assert jobs["alice"]["outputs"] and all(isinstance(j["provider_task_id"], (str, type(None))) for j in jobs.values())
-    assert summary["audit"] == {"ok": True, "problems": [], "fixed": []}
+    assert summary["audit"] == {"ok": True, "problems": [], "fixed": [], "dry_run": False, "would_fix": []}
     assert summary["status"]["running"] == [] and summary["status"]["queued"] == []
     # Charged once each; refunds exactly for the failed and cancelled ones.
     assert summary["balances"] == {"alice": 45, "bob": 50, "carol": 50, "dave": 42, "erin": 45,

@@ -73,7 +73,7 @@ def jobs(cli: Callable[..., Run], manager: Any) -> dict[str, dict[str, Any]]:
             for user in ("alice", "bob", "carol")}
     manager.cancel(made["alice"]["id"])
     manager.finish(made["bob"]["id"], "completed")
-    assert ok(cli("refund-audit", "--json")) == {"ok": True, "problems": [], "fixed": []}
+    assert ok(cli("refund-audit", "--json")) == {"ok": True, "problems": [], "fixed": [], "dry_run": False, "would_fix": []}
     return made
 
 
@@ -114,7 +114,7 @@ def test_the_schema_refuses_raw_sql_tampering(cli: Callable[..., Run], jobs: dic
             sql(db_url, statement, **params)
         assert dump(db_url) == before, what
     assert check_invariants(db_url, 3) == []
-    assert audit(cli) == (0, {"ok": True, "problems": [], "fixed": []})
+    assert audit(cli) == (0, {"ok": True, "problems": [], "fixed": [], "dry_run": False, "would_fix": []})
 
 
 # --- the audit names what the schema cannot refuse -------------------------------------------------
@@ -196,7 +196,7 @@ def test_a_deleted_refund_is_named_and_fixed_once(cli: Callable[..., Run], jobs:
     assert check_invariants(db_url, 3) == []
     settled = dump(db_url)
 
-    assert audit(cli, "--fix") == (0, {"ok": True, "problems": [], "fixed": []})
+    assert audit(cli, "--fix") == (0, {"ok": True, "problems": [], "fixed": [], "dry_run": False, "would_fix": []})
     assert dump(db_url) == settled
 
 

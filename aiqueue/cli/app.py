@@ -26,7 +26,7 @@ from aiqueue.cli.common import (
     STARTER_CONFIG, AmountArg, ApiKeyOpt, ErrorOpt, FinishStatusOpt, FixOpt, InputOpt, JobFilterOpt,
     JobIdArg, JsonOpt, LimitOpt, NoStartOpt, NoteOpt, OlderThanOpt, OptionalJobIdArg, OutputOpt,
     PortOpt, ReasonOpt, ToolOpt, UserArg, UserFilterOpt, UserOpt, WebhookOpt, app, config_app,
-    credits_app, manager_of, options_of, show,
+    credits_app, manager_of, options_of, progress, show,
 )
 from aiqueue.errors import AiqueueError, AuditProblemsError, UsageError
 
@@ -171,13 +171,25 @@ def cleanup(
     Example: aiqueue cleanup --older-than 15m --dry-run
     """
     limit = params.duration(older_than, "--older-than")
-    show(ctx, as_json, manager_of(ctx).cleanup(limit, dry_run=dry_run), render.render_cleanup)
+    with progress("cleanup") as tick:
+        result = manager_of(ctx).cleanup(limit, dry_run=dry_run, progress=tick)
+    show(ctx, as_json, result, render.render_cleanup)
 
 
 @app.command("refund-audit")
-def refund_audit(ctx: typer.Context, fix: FixOpt = False, as_json: JsonOpt = False) -> None:
-    """Check jobs against the ledger; exit 10 unless it is clean (after --fix)."""
-    result = manager_of(ctx).refund_audit(fix=fix)
+def refund_audit(
+    ctx: typer.Context, fix: FixOpt = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --fix: list what it would repair; change nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check jobs against the ledger; exit 10 unless it is clean (after --fix).
+
+    Example: aiqueue refund-audit --fix --dry-run; aiqueue -q refund-audit --fix  (cron)
+    """
+    if dry_run and not fix:
+        raise UsageError("--dry-run goes with --fix (the audit alone never changes anything)")
+    with progress("refund audit") as tick:
+        result = manager_of(ctx).refund_audit(fix=fix, dry_run=dry_run, progress=tick)
     show(ctx, as_json, result, render.render_audit)
     if not result.ok:
         raise typer.Exit(AuditProblemsError.exit_code)

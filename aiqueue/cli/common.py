@@ -7,7 +7,9 @@ all and holds main(), the one catch point.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -39,6 +41,8 @@ DbOpt = Annotated[Text, typer.Option(
     "--db", metavar="URL", show_default=False,
     help="Database URL; overrides $AIQUEUE_DATABASE_URL and database.url.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for unexpected errors.")]
+QuietOpt = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="For cron: print nothing unless something changed or failed; the exit code tells.")]
 JobIdArg = Annotated[int, typer.Argument(metavar="JOB_ID", parser=params.job_id, show_default=False)]
 OptionalJobIdArg = Annotated[Optional[int], typer.Argument(
     metavar="JOB_ID", parser=params.job_id, show_default=False)]
@@ -76,6 +80,7 @@ class Globals:
     config: Path | None
     db: str | None
     json: bool  # `aiqueue --json status` works as well as `aiqueue status --json`
+    quiet: bool = False
 
 
 app = typer.Typer(
@@ -112,11 +117,11 @@ STARTER_CONFIG: dict[str, Any] = {
 @app.callback()
 def root(
     ctx: typer.Context, config: ConfigOpt = None, db: DbOpt = None, debug: DebugOpt = False,
-    as_json: JsonOpt = False,
+    as_json: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     # Settings load lazily in _manager(): `aiqueue enqueue --help` must not need a valid config.
     # --debug and --json are also read by main() from argv, as errors may come before this runs.
-    ctx.obj = Globals(config=config, db=db, json=as_json)
+    ctx.obj = Globals(config=config, db=db, json=as_json, quiet=quiet)
 
 
 def options_of(ctx: typer.Context) -> Globals:
@@ -131,7 +136,9 @@ def manager_of(ctx: typer.Context) -> QueueManager:
 
 
 def show(ctx: typer.Context, as_json: bool, result: render.Result, table: Callable[[Any, Any], None]) -> None:
-    render.show(as_json or options_of(ctx).json, result, table)
+    options = options_of(ctx)
+    if not (options.quiet and not worth_saying(result)):
+        render.show(as_json or options.json, result, table)
     # Every command that frees or fills slots says so when the fill stopped for every job (a
     # rejected API key, a tool missing from the config): the jobs stay queued in their places.
     process = result if isinstance(result, ProcessResult) else getattr(result, "process", None)
@@ -141,3 +148,51 @@ def show(ctx: typer.Context, as_json: bool, result: render.Result, table: Callab
             raise typer.Exit(ProviderError.exit_code)
 
 
+
+
+def worth_saying(result: Any) -> bool:
+    """Whether --quiet still prints this result: it changed something, or reports a problem.
+    Reads (status, balances, listings) say nothing under --quiet; their exit code still tells."""
+    if getattr(result, "ok", True) is False:  # an audit with problems, a failing health check
+        return True
+    if isinstance(result, ProcessResult):
+        return bool(result.started or result.requeued or result.failed or result.unknown or result.expired
+                    or result.halted)
+    lists = ("expired", "completed", "failed", "stale", "problems", "fixed", "would_fix")
+    if any(getattr(result, name, None) for name in lists):
+        return True
+    if getattr(result, "changed", False) or getattr(result, "created", False):
+        return True
+    process = getattr(result, "process", None)
+    if process is not None and worth_saying(process):
+        return True
+    return type(result).__name__ in _ALWAYS_SAID
+
+
+# Results that are a change by their nature: a new job, a grant, a written file.
+_ALWAYS_SAID = {"EnqueueResult", "GrantResult", "Written"}
+
+
+@contextmanager
+def progress(what: str, *, total_hint: int = 0) -> Iterator[Callable[[int, int], None]]:
+    """A progress callback `(done, total)` for a long operation: a rich bar on stderr when stderr
+    is a terminal, and a no-op otherwise (cron, pipes, tests), so output stays machine-clean."""
+    if not sys.stderr.isatty():
+        yield _no_progress
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=Console(stderr=True), transient=True)
+    task = bar.add_task(what, total=total_hint or None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total or None)
+
+    with bar:
+        yield update
+
+
+def _no_progress(done: int, total: int) -> None:
+    return None

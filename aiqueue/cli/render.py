@@ -344,6 +344,11 @@ def render_cleanup(console: Console, result: CleanupResult) -> None:
 
 
 def render_audit(console: Console, result: AuditResult) -> None:
+    if result.dry_run:
+        if result.would_fix:
+            _problems(console, "--fix would repair (dry run: nothing changed)", result.would_fix)
+        else:
+            _line(console, "dry run: --fix would change nothing")
     if result.fixed:
         _problems(console, "Fixed", result.fixed)
     if result.ok:
