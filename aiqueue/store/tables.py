@@ -29,7 +29,9 @@ from sqlalchemy import (
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 1
+from aiqueue.store.migrations import HEAD
+
+SCHEMA_VERSION = HEAD  # db init stamps a new database at the newest migration step
 
 # 64-bit ids on PostgreSQL; on SQLite only INTEGER PRIMARY KEY is the (64-bit) rowid alias.
 ID = BigInteger().with_variant(Integer, "sqlite")
