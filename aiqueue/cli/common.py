@@ -7,6 +7,7 @@ all and holds main(), the one catch point.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from aiqueue.cli import params, render, wiring
 from aiqueue.domain import ProcessResult
@@ -83,7 +85,35 @@ class Globals:
     quiet: bool = False
 
 
+# `aiqueue --help` lists commands by what an operator comes for, in this order, whichever module
+# registered them; a command missing here is listed last under "Other".
+PANELS: dict[str, tuple[str, ...]] = {
+    "Jobs": ("enqueue", "status", "jobs", "cancel", "finish"),
+    "The queue": ("process-next", "cleanup", "pause", "resume"),
+    "Credits": ("credits", "refund-audit"),
+    "Monitoring": ("doctor", "metrics"),
+    "Servers": ("webhook", "fake-runninghub"),
+    "Set-up and tools": ("config", "db", "demo", "bench"),
+}
+
+
+class CommandGroup(TyperGroup):
+    def list_commands(self, ctx: Any) -> list[str]:
+        order = [name for names in PANELS.values() for name in names]
+        for panel, names in PANELS.items():
+            for name in names:
+                if name in self.commands:
+                    self.commands[name].rich_help_panel = panel  # type: ignore[attr-defined]
+        for name, command in self.commands.items():
+            if name not in order:
+                command.rich_help_panel = "Other"  # type: ignore[attr-defined]
+            if not command.short_help and command.help:  # the first paragraph, on one line
+                command.short_help = " ".join(inspect.cleandoc(command.help).split("\n\n")[0].split())
+        return sorted(self.commands, key=lambda name: order.index(name) if name in order else len(order))
+
+
 app = typer.Typer(
+    cls=CommandGroup,
     name="aiqueue",
     help="Run a queue of paid AI jobs on RunningHub: global slots, one FIFO, a credit ledger.",
     no_args_is_help=True,
