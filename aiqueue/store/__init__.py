@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, func, insert, literal, select, update
+from sqlalchemy import and_, func, insert, text, literal, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
@@ -16,6 +16,7 @@ from aiqueue.domain import HOLDS_SLOT, Job, JobEvent, LedgerEntry, LedgerKind, S
 from aiqueue.errors import ActiveJobError, ConflictError, DatabaseError, SchemaMissingError
 from aiqueue.store import engine as _engine
 from aiqueue.store.tables import (
+    ACTIVE_SQL,
     accounts,
     events,
     jobs,
@@ -110,19 +111,17 @@ class Tx:
             "created_at": now,
             "updated_at": now,
         }
-        try:
-            with self.conn.begin_nested():
-                row = self.conn.execute(insert(jobs).values(values).returning(*jobs.c)).one()
-        except IntegrityError as exc:
-            if _is(exc, "ux_aiqueue_jobs_active_user", "aiqueue_jobs.user_id"):
-                active = self.active_job_of(user)
-                what = f" (job {active.id}, {active.status})" if active else ""
-                raise ActiveJobError(
-                    f"user {user!r} already has an active job{what}",
-                    user=user,
-                    job_id=None if active is None else active.id,
-                ) from exc
-            raise
+        # ON CONFLICT DO NOTHING on the active-user index, not a savepoint: two round trips fewer.
+        insert_job = _insert_or_nothing(self.dialect, jobs, ["user_id"], text(ACTIVE_SQL))
+        row = self.conn.execute(insert_job.values(values).returning(*jobs.c)).one_or_none()
+        if row is None:
+            active = self.active_job_of(user)
+            what = f" (job {active.id}, {active.status})" if active else ""
+            raise ActiveJobError(
+                f"user {user!r} already has an active job{what}",
+                user=user,
+                job_id=None if active is None else active.id,
+            )
         return _job(row)
 
     def get_job(self, job_id: int, *, for_update: bool = False) -> Job | None:
@@ -332,18 +331,12 @@ class Tx:
     ) -> LedgerEntry | None:
         """Append an entry; None when the job already has an entry of that kind (the unique
         index decides, so a second charge or refund is impossible)."""
-        try:
-            with self.conn.begin_nested():
-                row = self.conn.execute(
-                    insert(ledger)
-                    .values(user_id=user, job_id=job_id, kind=kind.value, amount=amount, created_at=now, note=note)
-                    .returning(*ledger.c)
-                ).one()
-        except IntegrityError as exc:
-            if _is(exc, "ux_aiqueue_ledger_job_kind", "aiqueue_ledger.job_id"):
-                return None
-            raise
-        return _entry(row)
+        row = self.conn.execute(
+            _insert_or_nothing(self.dialect, ledger, ["job_id", "kind"], text("job_id IS NOT NULL"))
+            .values(user_id=user, job_id=job_id, kind=kind.value, amount=amount, created_at=now, note=note)
+            .returning(*ledger.c)
+        ).one_or_none()
+        return None if row is None else _entry(row)
 
     def ledger_entries(
         self, user: str | None = None, job_id: int | None = None, limit: int | None = None
@@ -370,17 +363,13 @@ class Tx:
 
     def store_webhook(self, task_id: str, digest: str, body: str, now: datetime) -> tuple[int, bool]:
         """Keep a webhook body (once per distinct body). Returns (inbox id, already applied)."""
-        try:
-            with self.conn.begin_nested():
-                new_id = self.conn.execute(
-                    insert(webhooks)
-                    .values(task_id=task_id, body_sha256=digest, body=body, received_at=now)
-                    .returning(webhooks.c.id)
-                ).scalar_one()
-                return int(new_id), False
-        except IntegrityError as exc:
-            if not _is(exc, "aiqueue_webhooks_body_sha256_key", "aiqueue_webhooks.body_sha256"):
-                raise
+        new_id = self.conn.execute(
+            _insert_or_nothing(self.dialect, webhooks, ["body_sha256"])
+            .values(task_id=task_id, body_sha256=digest, body=body, received_at=now)
+            .returning(webhooks.c.id)
+        ).scalar_one_or_none()
+        if new_id is not None:
+            return int(new_id), False
         row = self.conn.execute(
             select(webhooks.c.id, webhooks.c.applied_at).where(webhooks.c.body_sha256 == digest)
         ).one()
@@ -469,6 +458,16 @@ class Tx:
     def _stream(self, query: Any) -> Iterator[Row[Any]]:
         result = self.conn.execution_options(yield_per=1000).execute(query)
         yield from result
+
+
+def _insert_or_nothing(dialect: str, table: Any, columns: list[str], where: Any = None) -> Any:
+    """INSERT ... ON CONFLICT (columns) [WHERE partial-index predicate] DO NOTHING: a duplicate
+    on that one index returns no row; any other violation still raises."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    return dialect_insert(table).on_conflict_do_nothing(index_elements=columns, index_where=where)
 
 
 def _is(exc: IntegrityError, index: str, sqlite_columns: str) -> bool:
