@@ -233,10 +233,10 @@ class Tx:
         )
 
     def stale(self, cutoff: datetime) -> list[Job]:
-        rows = self.conn.execute(
-            select(jobs).where(jobs.c.slot.is_not(None), jobs.c.started_at < cutoff).order_by(jobs.c.id)
-        )
-        return [_job(r) for r in rows]
+        # Sorted here, not in SQL: at most max_concurrent rows, and an ORDER BY id makes SQLite
+        # scan the whole table in rowid order instead of using the partial slot index.
+        rows = self.conn.execute(select(jobs).where(jobs.c.slot.is_not(None), jobs.c.started_at < cutoff))
+        return sorted((_job(r) for r in rows), key=lambda job: job.id)
 
     # --- events ---------------------------------------------------------------------------
 

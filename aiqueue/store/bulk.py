@@ -155,8 +155,8 @@ def generate(
         conn.commit()
         if postgres:
             conn.autocommit = True
-            for table in _TABLES:
-                cur.execute(f"ANALYZE {table}")
+            for table in _TABLES:  # as autovacuum would: statistics and the visibility map
+                cur.execute(f"VACUUM ANALYZE {table}")
             conn.autocommit = False
     finally:
         raw.close()
@@ -244,3 +244,10 @@ def analyze(store: Store) -> None:
         conn.exec_driver_sql("COMMIT")
         for table in _TABLES + ("aiqueue_webhooks", "aiqueue_queue_state"):
             conn.exec_driver_sql(f"ANALYZE {table}")
+
+
+def last_queued_id(store: Store) -> int:
+    """The id of the newest queued job (the deepest queue position); 0 when none is queued."""
+    with store.engine.connect() as conn:
+        value = conn.exec_driver_sql("SELECT MAX(id) FROM aiqueue_jobs WHERE status = 'queued'").scalar_one()
+    return int(value or 0)
