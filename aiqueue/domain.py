@@ -149,14 +149,71 @@ class QueueStatus:
     queued: list[Job]  # FIFO order, positions 1..n (the first `limit` of them when cut)
     queued_total: int
     paused: bool = False
+    # What an operator asks next (issue 4); defaults keep older constructors working.
+    now: datetime | None = None
+    window_seconds: float = 86400.0
+    counts: dict[str, int] = field(default_factory=dict)  # active: now; terminal: finished in window
+    oldest_queued_at: datetime | None = None
+    starts: dict[int, datetime | None] = field(default_factory=dict)  # queued job id -> estimate
+    durations: Any = None  # aiqueue.eta.Durations behind the estimates
 
     def to_dict(self) -> dict[str, Any]:
+        now = self.now
         return {
             "limit": self.limit,
             "paused": self.paused,
-            "running": [j.to_dict() for j in self.running],
-            "queued": [j.to_dict() for j in self.queued],
+            "running": [_timed(j.to_dict(), "running_seconds", j.started_at, now) for j in self.running],
+            "queued": [self._queued(j) for j in self.queued],
             "queued_total": self.queued_total,
+            "generated_at": _iso(now),
+            "window": {"seconds": self.window_seconds},
+            "counts": dict(self.counts),
+            "oldest_queued_at": _iso(self.oldest_queued_at),
+            "oldest_queued_age_seconds": _age(self.oldest_queued_at, now),
+            "estimates": None if self.durations is None else self.durations.to_dict(),
+        }
+
+    def _queued(self, job: Job) -> dict[str, Any]:
+        data = _timed(job.to_dict(), "waiting_seconds", job.created_at, self.now)
+        start = self.starts.get(job.id)
+        data["estimated_start"] = _iso(start)
+        data["estimated_wait_seconds"] = _age(self.now, start) if start is not None else None
+        return data
+
+
+@dataclass(frozen=True)
+class UserStatus:
+    """`status --user U`: the user's active job (with its place and estimated start) and their
+    most recent jobs, newest first."""
+
+    user: str
+    balance: int
+    known: bool  # has an account or any job
+    active: Job | None
+    estimated_start: datetime | None
+    approximate: bool  # the estimate skipped part of a long queue (see aiqueue.eta)
+    recent: list[Job]
+    paused: bool
+    now: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        active = None
+        if self.active is not None:
+            since = self.active.created_at if self.active.status is Status.QUEUED else self.active.started_at
+            key = "waiting_seconds" if self.active.status is Status.QUEUED else "running_seconds"
+            active = _timed(self.active.to_dict(), key, since, self.now)
+            active["estimated_start"] = _iso(self.estimated_start)
+            active["estimated_wait_seconds"] = (
+                None if self.estimated_start is None else _age(self.now, self.estimated_start))
+            active["estimate_approximate"] = self.approximate
+        return {
+            "user": self.user,
+            "known": self.known,
+            "balance": self.balance,
+            "paused": self.paused,
+            "active": active,
+            "recent": [j.to_dict() for j in self.recent],
+            "generated_at": _iso(self.now),
         }
 
 
@@ -302,3 +359,14 @@ class AuditResult:
 
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
+
+
+def _age(since: datetime | None, now: datetime | None) -> float | None:
+    if since is None or now is None:
+        return None
+    return round(max(0.0, (now - since).total_seconds()), 3)
+
+
+def _timed(data: dict[str, Any], key: str, since: datetime | None, now: datetime | None) -> dict[str, Any]:
+    data[key] = _age(since, now)
+    return data

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from aiqueue.clock import Clock, SystemClock, format_duration
@@ -36,6 +36,7 @@ from aiqueue.domain import (
     QueueStatus,
     Status,
     UnmatchedWebhook,
+    UserStatus,
 )
 from aiqueue.errors import (
     ConflictError,
@@ -162,21 +163,41 @@ class QueueManager:
             job = self._job(job.id)
         return EnqueueResult(job=job, process=process)
 
-    def status(self, limit: int | None = None) -> QueueStatus:
-        """Jobs holding slots and the queued jobs in FIFO order with exact positions."""
+    def status(self, limit: int | None = None, window: timedelta = timedelta(hours=24)) -> QueueStatus:
+        """Jobs holding slots and the queued jobs in FIFO order with exact positions and
+        estimated starts (the first `limit` of them), counts per status (terminal ones: finished
+        within `window`), the oldest queued job's age and whether the queue is paused."""
+        from aiqueue import overview
 
-        def tx_fn(tx: Tx) -> QueueStatus:
-            queued = tx.queued(limit)
-            total = len(queued) if limit is None else tx.count_queued()
-            return QueueStatus(
-                limit=self.settings.max_concurrent,
-                running=tx.holding_slots(),
-                queued=queued,
-                queued_total=total,
-                paused=tx.is_paused(),
-            )
+        return overview.queue_status(self.store, self.settings.max_concurrent, self.clock, limit, window)
 
-        return self.store.read(tx_fn)
+    def user_status(self, user: str) -> UserStatus:
+        """One user's active job with its position and estimated start, and their latest jobs.
+        NotFoundError when the user has neither jobs nor an account."""
+        from aiqueue import overview
+
+        return overview.user_status(self.store, self.settings.max_concurrent, self.clock, _check_user(user))
+
+    def jobs(
+        self, statuses: Sequence[str] = (), user: str | None = None, tool: str | None = None,
+        since: timedelta | datetime | None = None, limit: int | None = 50, *, stream: bool = False,
+    ) -> Iterable[Job]:
+        """Jobs newest first, filtered by status (names, comma lists allowed), user, tool and
+        creation time (`since`: an aware datetime, or a duration back from now). A list of at most
+        `limit`; with stream=True an iterator over one read transaction, in bounded memory."""
+        from aiqueue import overview
+
+        wanted = overview.parse_statuses(statuses)
+        user = None if user is None else _check_user(user)
+        cutoff = overview.since_of(since, self.clock)
+        if stream:
+            return overview.stream_jobs(self.store, wanted, user, tool, cutoff, limit)
+        return overview.list_jobs(self.store, wanted, user, tool, cutoff, limit)
+
+    def listen(self) -> Any:
+        """A listener whose wait(timeout) returns True as soon as the queue changes (PostgreSQL
+        LISTEN/NOTIFY on a dedicated connection) or False after the timeout (SQLite: always)."""
+        return self.store.listener()
 
     def pause(self) -> PauseResult:
         """Stop submitting: queued jobs keep their places, running ones finish normally."""

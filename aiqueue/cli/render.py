@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol
 
-from aiqueue.clock import SystemClock, format_duration
+from aiqueue.clock import format_duration
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -181,26 +181,10 @@ def render_ledger(console: Console, entries: Sequence[LedgerEntry], title: str |
 
 
 def render_status(console: Console, status: QueueStatus, now: datetime | None = None) -> None:
-    now = now or SystemClock().now()
-    paused = " - queue paused" if status.paused else ""
-    slots = _table(f"Running slots: {len(status.running)}/{status.limit} in use{paused}",
-                   ("slot", R), ("job", R), ("user", W), ("tool", W), ("provider task", L),
-                   ("running for", R))
-    for job in status.running:
-        task = job.provider_task_id or f"({job.status})"
-        slots.add_row(_cell(job.slot), _cell(job.id), _cell(job.user), _cell(job.tool),
-                      _cell(task), _cell(_since(job.started_at, now)))
-    _print_table(console, slots, len(status.running), "no job holds a slot")
+    # The queue views (status, --user, --watch, jobs) live in render_queue.
+    from aiqueue.cli import render_queue
 
-    queue = _table(f"Queue: {status.queued_total} waiting", ("position", R), ("job", R), ("user", W),
-                   ("tool", W), ("waiting for", R))
-    for job in status.queued:
-        queue.add_row(_cell(job.position), _cell(job.id), _cell(job.user), _cell(job.tool),
-                      _cell(_since(job.created_at, now)))
-    more = status.queued_total - len(status.queued)
-    if more > 0:
-        queue.caption = f"… and {more} more"
-    _print_table(console, queue, len(status.queued), "nothing is queued")
+    render_queue.render_status(console, status, now)
 
 
 def render_pause(console: Console, result: PauseResult) -> None:

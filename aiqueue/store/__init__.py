@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from aiqueue.domain import HOLDS_SLOT, Job, JobEvent, LedgerEntry, LedgerKind, Status
 from aiqueue.errors import ActiveJobError, ConflictError, DatabaseError, SchemaMissingError
 from aiqueue.store import engine as _engine
+from aiqueue.store.reads import ReadQueries
 from aiqueue.store.tables import (
     ACTIVE_SQL,
     accounts,
@@ -85,12 +86,21 @@ class Store:
         with _engine.transaction(self.engine, write=True) as conn:
             metadata.drop_all(conn)
 
+    def listener(self) -> Any:
+        """A store.listen.Listener: wakes on every committed change on PostgreSQL; on SQLite
+        it only sleeps (the caller polls)."""
+        from aiqueue.store import listen
+
+        self._check_file()
+        return listen.PgListener(self.engine.url) if self.dialect == "postgresql" else listen.PollListener()
+
     def dispose(self) -> None:
         self.engine.dispose()
 
 
-class Tx:
-    """Queries over one open transaction. Every state change is a guarded update."""
+class Tx(ReadQueries):
+    """Queries over one open transaction. Every state change is a guarded update, and tells
+    listeners (`status --watch`) through NOTIFY in the same transaction on PostgreSQL."""
 
     def __init__(self, conn: Connection, dialect: str) -> None:
         self.conn = conn
@@ -122,6 +132,7 @@ class Tx:
                 user=user,
                 job_id=None if active is None else active.id,
             )
+        self._notify(f"job {row.id} queued")
         return _job(row)
 
     def get_job(self, job_id: int, *, for_update: bool = False) -> Job | None:
@@ -172,7 +183,14 @@ class Tx:
             .values(status=target.value, updated_at=now, **values)
             .returning(*jobs.c)
         ).one_or_none()
-        return None if row is None else _job(row)
+        if row is None:
+            return None
+        self._notify(f"job {job_id} {target.value}")
+        return _job(row)
+
+    def _notify(self, what: str) -> None:
+        if self.dialect == "postgresql":
+            self.conn.execute(select(func.pg_notify("aiqueue", func.current_schema() + ":" + what)))
 
     def set_job_fields(self, job_id: int, status: Status, now: datetime, **values: Any) -> bool:
         """Change fields other than the status, still guarded by the expected status."""
@@ -201,6 +219,8 @@ class Tx:
         result = self.conn.execute(
             update(queue_state).where(queue_state.c.id == 1, queue_state.c.paused != paused).values(paused=paused)
         )
+        if result.rowcount == 1:
+            self._notify("paused" if paused else "resumed")
         return result.rowcount == 1
 
     def is_paused(self) -> bool:

@@ -157,12 +157,26 @@ def _v1(id_: str, ref: str, ts: str) -> tuple[str, ...]:
 
 
 # --- step 2: status/jobs reads (issue 4) stay index-backed at a million jobs ---------------------
+_IX_STATUS_READS = (
+    "CREATE INDEX IF NOT EXISTS ix_aiqueue_jobs_tool_status_id ON aiqueue_jobs (tool, status, id)",
+    "CREATE INDEX IF NOT EXISTS ix_aiqueue_jobs_created ON aiqueue_jobs (created_at)",
+    "CREATE INDEX IF NOT EXISTS ix_aiqueue_jobs_finished_status ON aiqueue_jobs (finished_at, status)"
+    " WHERE finished_at IS NOT NULL",
+)
+
+
 STEPS: tuple[Step, ...] = (
     Step(
         1,
         "first schema: jobs, events, accounts, ledger, webhook inbox, queue state",
         sqlite=_v1("INTEGER", "INTEGER", "DATETIME"),
         postgresql=_v1("BIGSERIAL", "BIGINT", "TIMESTAMP WITH TIME ZONE"),
+    ),
+    Step(
+        2,
+        "indexes for status and jobs: runs per tool, jobs by creation time, finished counts",
+        sqlite=_IX_STATUS_READS,
+        postgresql=_IX_STATUS_READS,
     ),
     # Append new steps here (see HOW TO ADD A STEP above).
 )

@@ -95,6 +95,17 @@ class JobRow(SQLModel, table=True):
         # FIFO pick, positions and per-status counts.
         Index("ix_aiqueue_jobs_status_id", "status", "id"),
         Index("ix_aiqueue_jobs_user_id", "user_id", "id"),
+        # status/jobs reads (issue 4): recent runs per tool (ETA) and `jobs --tool`; `jobs
+        # --since`; per-status counts of the jobs finished within a window (covering).
+        Index("ix_aiqueue_jobs_tool_status_id", "tool", "status", "id"),
+        Index("ix_aiqueue_jobs_created", "created_at"),
+        Index(
+            "ix_aiqueue_jobs_finished_status",
+            "finished_at",
+            "status",
+            sqlite_where=text("finished_at IS NOT NULL"),
+            postgresql_where=text("finished_at IS NOT NULL"),
+        ),
     )
 
     id: int | None = Field(default=None, sa_column=Column(ID, primary_key=True, autoincrement=True))

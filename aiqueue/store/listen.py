@@ -1,0 +1,86 @@
+"""Waiting for the queue to change: LISTEN/NOTIFY on PostgreSQL, a plain sleep on SQLite.
+
+Every state change (a job inserted, every status transition, pause and resume) sends
+`pg_notify('aiqueue', '<schema>:<what>')` inside its own transaction (store.Tx), so a listener
+hears it exactly when the change commits and never for one that rolled back. The listener holds a
+dedicated psycopg connection in autocommit mode: waiting for notifications on a connection that
+also runs queries would stall those queries (PERF-NOTES). NOTIFY is per database, not per schema,
+so the payload names the schema and a listener ignores the other schemas' changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Protocol
+
+from aiqueue.errors import DatabaseError
+
+CHANNEL = "aiqueue"
+_BURST = 0.05  # seconds to gather a burst of changes into one wake-up
+
+
+class Listener(Protocol):
+    def wait(self, timeout: float) -> bool:
+        """Block until the queue changes (True) or `timeout` seconds pass (False)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class PollListener:
+    """SQLite has no notifications: the caller polls every `timeout` seconds."""
+
+    def wait(self, timeout: float) -> bool:
+        time.sleep(max(0.0, timeout))
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+class PgListener:
+    def __init__(self, url: Any) -> None:
+        import psycopg
+
+        conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        try:
+            self.conn = psycopg.connect(conninfo, autocommit=True, connect_timeout=10)
+            row = self.conn.execute("SELECT current_schema()").fetchone()
+            self.schema = str(row[0]) if row else "public"
+            self.conn.execute(f"LISTEN {CHANNEL}")
+        except psycopg.Error as exc:
+            raise DatabaseError(f"cannot listen for changes: {_first_line(exc)}") from None
+
+    def wait(self, timeout: float) -> bool:
+        import psycopg
+
+        deadline = time.monotonic() + max(0.0, timeout)
+        heard = False
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return heard
+                got = False
+                for notice in self.conn.notifies(timeout=left, stop_after=1):
+                    got = True
+                    if notice.payload.partition(":")[0] == self.schema:
+                        heard = True
+                if heard:
+                    # Changes come in bursts (a finish frees a slot and starts the next job):
+                    # gather them, so one refresh shows them all.
+                    deadline = min(deadline, time.monotonic() + _BURST)
+                elif not got:
+                    return False
+        except psycopg.Error as exc:
+            raise DatabaseError(f"lost the database connection while watching: {_first_line(exc)}") from None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # closing after a lost connection
+            self.conn.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,128 @@
+"""Read-side queries for status, `status --user` and `jobs` (a mixin of store.Tx).
+
+Each one is bounded and index-backed, so it costs the same with a million finished jobs:
+- recent run durations: (tool, status, id) or (status, id), newest first, LIMIT n;
+- counts of the jobs finished within a window: the covering (finished_at, status) index;
+- the oldest queued job: (status, id), LIMIT 1;
+- a user's jobs: (user_id, id), newest first, LIMIT n;
+- `jobs` listings: one branch per status, each newest first with LIMIT n over its own index,
+  merged (no branch ever sorts a whole status); positions of queued rows are counted over the
+  gaps between them, not once per row from the head of the queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select, union_all
+from sqlalchemy.engine import Connection
+
+from aiqueue.domain import Job, Status
+from aiqueue.store.tables import accounts, jobs
+
+if TYPE_CHECKING:
+    from sqlalchemy.sql import Select
+
+
+class ReadQueries:
+    conn: Connection
+    dialect: str
+
+    def recent_durations(self, tool: str | None, count: int) -> list[float]:
+        """started -> finished seconds of the last `count` completed jobs (of `tool`, or of all)."""
+        query = select(jobs.c.started_at, jobs.c.finished_at).where(jobs.c.status == Status.COMPLETED.value)
+        if tool is not None:
+            query = query.where(jobs.c.tool == tool)
+        rows = self.conn.execute(query.order_by(jobs.c.id.desc()).limit(count))
+        return [
+            (r.finished_at - r.started_at).total_seconds()
+            for r in rows
+            if r.started_at is not None and r.finished_at is not None and r.finished_at >= r.started_at
+        ]
+
+    def finished_counts(self, since: datetime) -> dict[str, int]:
+        rows = self.conn.execute(
+            select(jobs.c.status, func.count())
+            .where(jobs.c.finished_at >= since)
+            .group_by(jobs.c.status)
+        )
+        return {str(status): int(n) for status, n in rows}
+
+    def oldest_queued_at(self) -> datetime | None:
+        return self.conn.execute(  # type: ignore[no-any-return]
+            select(jobs.c.created_at).where(jobs.c.status == Status.QUEUED.value).order_by(jobs.c.id).limit(1)
+        ).scalar_one_or_none()
+
+    def has_account(self, user: str) -> bool:
+        return self.conn.execute(select(accounts.c.user_id).where(accounts.c.user_id == user)).first() is not None
+
+    def jobs_of_user(self, user: str, limit: int) -> list[Job]:
+        from aiqueue.store import _job
+
+        rows = self.conn.execute(
+            select(jobs).where(jobs.c.user_id == user).order_by(jobs.c.id.desc()).limit(limit)
+        )
+        return [_job(r) for r in rows]
+
+    def list_jobs(
+        self,
+        statuses: Sequence[Status] = (),
+        user: str | None = None,
+        tool: str | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> Iterator[Job]:
+        """Jobs newest first, filtered; streamed (no limit) or at most `limit`. Queued ones
+        carry their FIFO position."""
+        from aiqueue.store import _job
+
+        def branch(status: Status | None) -> Select[Any]:
+            query = select(jobs)
+            if status is not None:
+                query = query.where(jobs.c.status == status.value)
+            if user is not None:
+                query = query.where(jobs.c.user_id == user)
+            if tool is not None:
+                query = query.where(jobs.c.tool == tool)
+            if since is not None:
+                query = query.where(jobs.c.created_at >= since)
+            query = query.order_by(jobs.c.id.desc())
+            return query if limit is None else query.limit(limit)
+
+        wanted = list(dict.fromkeys(statuses))
+        if user is None and limit is not None and (tool is not None or len(wanted) > 1):
+            # One index walk per status, each stopping after `limit` rows; then the newest of them.
+            parts = [select(branch(s).subquery()) for s in (wanted or list(Status))]
+            merged = union_all(*parts).subquery()
+            query: Any = select(merged).order_by(merged.c.id.desc()).limit(limit)
+        else:
+            query = branch(wanted[0] if len(wanted) == 1 else None)
+            if len(wanted) > 1:
+                query = query.where(jobs.c.status.in_([s.value for s in wanted]))
+        result = self.conn.execution_options(yield_per=1000).execute(query)
+        yield from self.with_positions(_job(r) for r in result)
+
+    def with_positions(self, newest_first: Iterable[Job]) -> Iterator[Job]:
+        """Give queued jobs (arriving newest first) their positions: one count for the first,
+        then counts over the gap to the previous one."""
+        from dataclasses import replace
+
+        previous: tuple[int, int] | None = None  # (id, position)
+        for job in newest_first:
+            if job.status is Status.QUEUED:
+                if previous is None:
+                    position = self._queued_between(None, job.id)
+                else:
+                    position = previous[1] - self._queued_between(job.id, previous[0])
+                previous = (job.id, position)
+                job = replace(job, position=position)
+            yield job
+
+    def _queued_between(self, low: int | None, high: int) -> int:
+        """Queued jobs with low < id <= high."""
+        query = select(func.count()).select_from(jobs).where(jobs.c.status == Status.QUEUED.value, jobs.c.id <= high)
+        if low is not None:
+            query = query.where(jobs.c.id > low)
+        return int(self.conn.execute(query).scalar_one())
