@@ -174,7 +174,10 @@ def _sandbox(url: str, side: str, in_place: bool) -> Iterator[tuple[str, Callabl
         schema = f"aiqueue_bench_{secrets.token_hex(6)}"
         with psycopg.connect(raw, autocommit=True, connect_timeout=10) as conn:
             conn.execute(f"CREATE SCHEMA {schema}")
-        sep = "&" if "?" in url else "?"
+        # Our own search_path replaces any the configured URL sets.
+        base, _, query = url.partition("?")
+        kept = [part for part in query.split("&") if part and not part.startswith("options=")]
+        kept.append(f"options=-csearch_path%3D{schema}")
 
         def gone() -> bool:
             with psycopg.connect(raw, autocommit=True, connect_timeout=10) as conn:
@@ -182,7 +185,7 @@ def _sandbox(url: str, side: str, in_place: bool) -> Iterator[tuple[str, Callabl
             return row is None
 
         try:
-            yield f"{url}{sep}options=-csearch_path%3D{schema}", gone
+            yield f"{base}?{'&'.join(kept)}", gone
         finally:
             with psycopg.connect(raw, autocommit=True, connect_timeout=10) as conn:
                 conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
