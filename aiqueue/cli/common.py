@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 from typer.core import TyperGroup
 
-from aiqueue.cli import params, render, wiring
+from aiqueue.cli import completions, params, render, wiring
 from aiqueue.domain import ProcessResult
 from aiqueue.errors import ProviderError
 
@@ -57,7 +57,8 @@ UserFilterOpt = Annotated[Text, typer.Option("--user", metavar="USER", help="Onl
 JobFilterOpt = Annotated[Optional[int], typer.Option(
     "--job", metavar="ID", parser=params.job_id, help="Only this job's entries.")]
 UserOpt = Annotated[str, typer.Option("--user", metavar="USER", show_default=False, help="Who pays.")]
-ToolOpt = Annotated[str, typer.Option("--tool", metavar="TOOL", show_default=False, help="A tool from the config.")]
+ToolOpt = Annotated[str, typer.Option("--tool", metavar="TOOL", show_default=False, help="A tool from the config.",
+                                      autocompletion=completions.complete_tool)]
 InputOpt = Annotated[Optional[list[str]], typer.Option(
     "--input", metavar="NAME=VALUE", help="A tool input (repeatable).")]
 NoStartOpt = Annotated[bool, typer.Option("--no-start", help="Only queue it; do not fill free slots.")]
@@ -118,7 +119,7 @@ app = typer.Typer(
     help="Run a queue of paid AI jobs on RunningHub: global slots, one FIFO, a credit ledger.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
 credits_app = typer.Typer(help="Credits: grants, balances and the ledger.", no_args_is_help=True)
