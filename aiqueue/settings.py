@@ -93,6 +93,11 @@ class Settings:
     webhook_url: str | None = None
     api_key: str | None = None  # never shown: repr/str/redacted mask it
     request_timeout: float = 10.0  # seconds, [provider] timeout
+    # `aiqueue doctor` thresholds ([doctor]): the FIFO head's wait and the number queued.
+    queue_age_warning: timedelta = timedelta(minutes=30)
+    queue_age_critical: timedelta = timedelta(hours=2)
+    queue_depth_warning: int = 1000
+    queue_depth_critical: int = 10000
     tools: Mapping[str, ToolSpec] = field(default_factory=_empty)
     config_path: Path | None = None  # the file actually loaded, if any
     # dotted key ("database.url", "tools") -> "flag" | "env" | "file" | "default"
@@ -124,8 +129,12 @@ _FIELDS = {
     "provider.webhook_url": "webhook_url",
     "provider.api_key": "api_key",
     "provider.timeout": "request_timeout",
+    "doctor.queue_age_warning": "queue_age_warning",
+    "doctor.queue_age_critical": "queue_age_critical",
+    "doctor.queue_depth_warning": "queue_depth_warning",
+    "doctor.queue_depth_critical": "queue_depth_critical",
 }
-_SECTIONS = ("database", "queue", "provider", "tools")
+_SECTIONS = ("database", "queue", "provider", "doctor", "tools")
 _TOOL_KEYS = ("webapp_id", "cost", "inputs")
 _INPUT_KEYS = ("node_id", "field", "default")
 
@@ -290,6 +299,10 @@ _VALIDATORS: dict[str, Callable[[Any, str, _Origin], Any]] = {
     "provider.webhook_url": _http_url,
     "provider.api_key": _secret,
     "provider.timeout": _timeout,
+    "doctor.queue_age_warning": _duration,
+    "doctor.queue_age_critical": _duration,
+    "doctor.queue_depth_warning": _positive_int,
+    "doctor.queue_depth_critical": _positive_int,
 }
 
 
@@ -425,7 +438,7 @@ def _parse_file(
 ) -> tuple[dict[str, Any], dict[str, ToolSpec] | None]:
     _known_keys(data, _SECTIONS, "", origin)
     values: dict[str, Any] = {}
-    for section in ("database", "queue", "provider"):
+    for section in ("database", "queue", "provider", "doctor"):
         if section not in data:
             continue
         table = _table(data[section], section, origin)
@@ -434,6 +447,7 @@ def _parse_file(
         for name, value in table.items():
             key = f"{section}.{name}"
             values[key] = _VALIDATORS[key](value, key, origin)
+    _check_thresholds(values, origin)
     tools = None
     if "tools" in data:
         tools = {
@@ -441,6 +455,22 @@ def _parse_file(
             for name, spec in _table(data["tools"], "tools", origin).items()
         }
     return values, tools
+
+
+def _check_thresholds(values: dict[str, Any], origin: _Origin) -> None:
+    """A doctor's warning level must not lie above its critical level (defaults fill the gaps)."""
+    defaults = Settings(database_url="")
+    for what in ("queue_age", "queue_depth"):
+        warning, critical = f"doctor.{what}_warning", f"doctor.{what}_critical"
+        if warning not in values and critical not in values:
+            continue
+        low = values.get(warning, getattr(defaults, f"{what}_warning"))
+        high = values.get(critical, getattr(defaults, f"{what}_critical"))
+        if low > high:
+            shown = [f"{v.total_seconds():g}s" if isinstance(v, timedelta) else str(v) for v in (low, high)]
+            if warning in values:
+                raise origin.error(warning, f"must not exceed {critical} ({shown[0]} > {shown[1]})")
+            raise origin.error(critical, f"must not be below {warning} ({shown[1]} < {shown[0]})")
 
 
 def _tool(name: str, spec: Any, origin: _Origin) -> ToolSpec:
@@ -578,6 +608,12 @@ def redacted(settings: Settings) -> dict[str, Any]:
         "webhook_url": mask_url(settings.webhook_url) if settings.webhook_url else None,
         "api_key": MASK if settings.api_key else None,
         "request_timeout": settings.request_timeout,
+        "doctor": {
+            "queue_age_warning_seconds": settings.queue_age_warning.total_seconds(),
+            "queue_age_critical_seconds": settings.queue_age_critical.total_seconds(),
+            "queue_depth_warning": settings.queue_depth_warning,
+            "queue_depth_critical": settings.queue_depth_critical,
+        },
         "tools": {name: tool.to_dict() for name, tool in settings.tools.items()},
         "sources": dict(settings.sources),
     }

@@ -30,6 +30,8 @@ FORBIDDEN = [
     # (files, modules they must not import, why)
     (files("manager.py"), ("typer", "click", "rich", "httpx", "sqlalchemy", "sqlmodel", "aiqueue.cli"),
      "the manager holds the rules: no terminal, no HTTP, no SQL"),
+    (files("monitor.py"), ("typer", "click", "rich", "httpx", "sqlalchemy", "sqlmodel", "aiqueue.cli"),
+     "doctor and metrics sit at the manager's level: SQL in store/stats.py, HTTP in the provider, no terminal"),
     (files("store"), ("httpx", "typer", "rich", "aiqueue.manager", "aiqueue.cli", "aiqueue.provider"),
      "only the store talks SQL, and nothing else"),
     (files("provider"), ("sqlalchemy", "sqlmodel", "typer", "rich", "aiqueue.store", "aiqueue.manager", "aiqueue.cli"),
@@ -37,10 +39,6 @@ FORBIDDEN = [
     (files("domain.py") + files("errors.py") + files("clock.py") + files("settings.py") + files("webhooks.py"),
      ("httpx", "sqlalchemy", "sqlmodel", "typer", "rich", "aiqueue.manager", "aiqueue.store", "aiqueue.cli"),
      "leaf modules stay cheap and independent"),
-    (files("bench"), ("typer", "click", "rich", "aiqueue.cli"),
-     "the benchmark is glue over manager/store/provider; only cli/ talks to the terminal"),
-    ([p for p in PACKAGE.rglob("*.py") if "bench" not in p.parts and p.name != "cmd_bench.py"],
-     ("aiqueue.bench",), "only `aiqueue bench` (cli/cmd_bench.py) may import the benchmark"),
 ]
 
 
