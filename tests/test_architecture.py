@@ -39,6 +39,10 @@ FORBIDDEN = [
     (files("domain.py") + files("errors.py") + files("clock.py") + files("settings.py") + files("webhooks.py"),
      ("httpx", "sqlalchemy", "sqlmodel", "typer", "rich", "aiqueue.manager", "aiqueue.store", "aiqueue.cli"),
      "leaf modules stay cheap and independent"),
+    (files("bench"), ("typer", "click", "rich", "aiqueue.cli"),
+     "the benchmark is glue over manager/store/provider; only cli/ talks to the terminal"),
+    ([p for p in PACKAGE.rglob("*.py") if "bench" not in p.parts and p.name != "cmd_bench.py"],
+     ("aiqueue.bench",), "only `aiqueue bench` (cli/cmd_bench.py) may import the benchmark"),
 ]
 
 
