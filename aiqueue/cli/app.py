@@ -38,14 +38,20 @@ from aiqueue.errors import AiqueueError, AuditProblemsError, UsageError
 def credits_grant(
     ctx: typer.Context, user: UserArg, amount: AmountArg, note: NoteOpt = None, as_json: JsonOpt = False
 ) -> None:
-    """Add credits to a user's balance."""
+    """Add credits to a user's balance.
+
+    Example: aiqueue credits grant alice 100 --note "first top-up"
+    """
     credits = params.positive_int(amount, "AMOUNT")
     show(ctx, as_json, manager_of(ctx).grant(user, credits, note), render.render_grant)
 
 
 @credits_app.command("balance")
 def credits_balance(ctx: typer.Context, user: UserArg, as_json: JsonOpt = False) -> None:
-    """A user's balance."""
+    """A user's balance.
+
+    Example: aiqueue credits balance alice --json
+    """
     show(ctx, as_json, manager_of(ctx).balance(user), render.render_balance)
 
 
@@ -54,7 +60,10 @@ def credits_ledger(
     ctx: typer.Context, user: UserFilterOpt = None, job: JobFilterOpt = None, limit: LimitOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Ledger entries (grants, charges, refunds), oldest first."""
+    """Ledger entries (grants, charges, refunds), oldest first.
+
+    Example: aiqueue credits ledger --user alice --limit 20
+    """
     entries = manager_of(ctx).ledger(user=user, job_id=job, limit=limit)
     show(ctx, as_json, render.Entries(entries), render.render_entries)
 
@@ -64,7 +73,10 @@ def enqueue(
     ctx: typer.Context, user: UserOpt, tool: ToolOpt, inputs: InputOpt = None, no_start: NoStartOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Charge the tool's cost and queue a job; start it at once when a slot is free."""
+    """Charge the tool's cost and queue a job; start it at once when a slot is free.
+
+    Example: aiqueue enqueue --user alice --tool upscale_image --input image=api/cat.png --input scale=4
+    """
     given = params.inputs(inputs)
     show(ctx, as_json, manager_of(ctx).enqueue(user, tool, given, start=not no_start), render.render_enqueue)
 
@@ -133,7 +145,10 @@ def config_check(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 @app.command("process-next")
 def process_next(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """End stale jobs, then fill every free slot in FIFO order."""
+    """End stale jobs, then fill every free slot in FIFO order.
+
+    Example: aiqueue process-next --json
+    """
     show(ctx, as_json, manager_of(ctx).process_next(), render.render_process)
 
 
@@ -142,7 +157,10 @@ def finish(
     ctx: typer.Context, job_id: OptionalJobIdArg = None, outcome: FinishStatusOpt = None, error: ErrorOpt = None,
     outputs: OutputOpt = None, webhook: WebhookOpt = None, as_json: JsonOpt = False,
 ) -> None:
-    """End a started job by hand (JOB_ID --status), or apply a RunningHub webhook body (--webhook)."""
+    """End a started job by hand (JOB_ID --status), or apply a RunningHub webhook body (--webhook).
+
+    Example: aiqueue finish --webhook body.json; aiqueue finish 42 --status failed --error "node 12: out of memory"
+    """
     params.finish_mode(job_id, outcome, error, outputs, webhook)
     if webhook is not None:
         from aiqueue.webhooks import MAX_BODY_BYTES
@@ -156,7 +174,10 @@ def finish(
 
 @app.command()
 def cancel(ctx: typer.Context, job_id: JobIdArg, reason: ReasonOpt = None, as_json: JsonOpt = False) -> None:
-    """Cancel a queued, starting or running job (at the provider too) and refund it."""
+    """Cancel a queued, starting or running job (at the provider too) and refund it.
+
+    Example: aiqueue cancel 42 --reason "asked by the user"
+    """
     show(ctx, as_json, manager_of(ctx).cancel(job_id, reason), render.render_finish)
 
 
@@ -199,7 +220,10 @@ def refund_audit(
 def fake_runninghub(
     ctx: typer.Context, port: PortOpt = 0, api_key: ApiKeyOpt = None, as_json: JsonOpt = False
 ) -> None:
-    """Serve a fake RunningHub on 127.0.0.1 until Ctrl-C (for tests, the demo, rehearsals)."""
+    """Serve a fake RunningHub on 127.0.0.1 until Ctrl-C (for tests, the demo, rehearsals).
+
+    Example: aiqueue fake-runninghub --port 8765
+    """
     from aiqueue.provider.fake_server import serve_forever_cli
 
     try:
