@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import math
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from aiqueue.eta import Durations, Simulation, estimate_starts
 from tests.cli_helpers import Run, run_cli
 from tests.conftest import API_KEY
 
-T0 = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 IMG = {"image": "api/in.png"}
 VID = {"video": "api/in.mp4"}
 

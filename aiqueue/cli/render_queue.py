@@ -168,6 +168,7 @@ def render_user_status(console: Console, result: UserStatus) -> None:
 def jobs_table(jobs: Sequence[Job], width: int, title: str | None = "Jobs, newest first",
                empty: str = "no job matches") -> Table:
     columns = [("job", R), ("user", E), ("tool", E), ("status", L)]
+    wide = width >= 100  # the full date; below, month-day hours:minutes leaves room for the detail
     if width >= TINY:
         columns.append(("created (UTC)", L))
     columns.append(("detail", E))
@@ -175,7 +176,7 @@ def jobs_table(jobs: Sequence[Job], width: int, title: str | None = "Jobs, newes
     for job in jobs:
         cells = [_text(job.id), _one_line(job.user), _one_line(job.tool), _text(job.status)]
         if width >= TINY:
-            cells.append(_text(_when(job.created_at)))
+            cells.append(_text(_when(job.created_at) if wide else job.created_at.strftime("%m-%d %H:%M")))
         cells.append(_one_line(_job_detail(job)))
         table.add_row(*cells)
     if not jobs:
