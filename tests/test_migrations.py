@@ -364,3 +364,34 @@ def test_upgrade_ddl_is_literal_sql() -> None:
     source = Path(migrations.__file__).read_text(encoding="utf-8")
     assert not re.search(r"^from aiqueue\.store\.tables import", source, re.MULTILINE)
     assert "CREATE TABLE IF NOT EXISTS aiqueue_jobs" in migrations.STEPS[0].sqlite[1]
+
+
+# --- commands refuse to write through a schema that does not match the code -------------------
+
+
+def test_writes_on_a_schema_behind_or_ahead_exit_8_and_change_nothing(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fresh_init(db_url)
+    assert run_cli("--db", db_url, "credits", "grant", "alice", "5").code == 0
+    ledger = run_cli("--db", db_url, "credits", "ledger", "--json").json()
+
+    extra = migrations.Step(migrations.HEAD + 1, "probe table", sqlite=("CREATE TABLE aiqueue_probe (id INTEGER)",),
+                            postgresql=("CREATE TABLE aiqueue_probe (id INTEGER)",))
+    with monkeypatch.context() as patch:
+        _with_steps(patch, extra)
+        behind = run_cli("--db", db_url, "credits", "grant", "alice", "5", "--json")
+        assert behind.code == 8 and "run `aiqueue db upgrade`" in behind.error()["message"]
+        assert behind.error()["current"] == extra.version - 1 and behind.error()["head"] == extra.version
+        assert run_cli("--db", db_url, "credits", "balance", "alice", "--json").json()["balance"] == 5  # reads go on
+
+    execute(db_url, f"UPDATE aiqueue_queue_state SET schema_version = {migrations.HEAD + 1}")
+    ahead = run_cli("--db", db_url, "credits", "grant", "alice", "5")
+    assert ahead.code == 8 and "newer than this aiqueue" in ahead.stderr and ahead.stdout == ""
+
+    execute(db_url, "DELETE FROM aiqueue_queue_state")
+    unversioned = run_cli("--db", db_url, "credits", "grant", "alice", "5")
+    assert unversioned.code == 8 and "no version row" in unversioned.stderr
+    assert run_cli("--db", db_url, "credits", "ledger", "--json").json() == ledger  # nothing was written
+    assert upgrade(db_url) == list(range(1, migrations.HEAD + 1))  # adopted by step 1 onwards
+    assert run_cli("--db", db_url, "credits", "grant", "alice", "5").code == 0  # adopted: writes again

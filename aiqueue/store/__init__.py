@@ -36,6 +36,7 @@ class Store:
         self.engine = _engine.make_engine(url, busy_timeout=busy_timeout)
         self.dialect = self.engine.dialect.name
         self._file = _engine.sqlite_file(url)
+        self._version_checked = False  # by the first write: see migrations.check_version
 
     def _check_file(self) -> None:
         # SQLite would create a missing file (and a refused command must change nothing):
@@ -48,7 +49,18 @@ class Store:
     def run(self, fn: Callable[[Tx], T], *, write: bool = True) -> T:
         """Run fn(tx) in one transaction (retried whole on a PostgreSQL deadlock)."""
         self._check_file()
+        if write and not self._version_checked:
+            return _engine.run(self.engine, lambda conn: self._first_write(conn, fn), write=True)
         return _engine.run(self.engine, lambda conn: fn(Tx(conn, self.dialect)), write=write)
+
+    def _first_write(self, conn: Connection, fn: Callable[[Tx], T]) -> T:
+        # One small query in the first write transaction of this Store: never write through a
+        # schema older or newer than this code (it may lack an index the rules rely on).
+        from aiqueue.store.migrations import check_version
+
+        check_version(conn)
+        self._version_checked = True
+        return fn(Tx(conn, self.dialect))
 
     def read(self, fn: Callable[[Tx], T]) -> T:
         return self.run(fn, write=False)
@@ -63,6 +75,8 @@ class Store:
         """Create the head schema on a database without one; True when created now. Idempotent:
         an existing schema is left as it is (`db upgrade` moves it on; see store/migrations.py)."""
         from aiqueue.store.migrations import create_head
+
+        self._version_checked = True  # an existing schema is reported by `db init`, not refused
 
         def create(tx: Tx) -> bool:
             return create_head(tx.conn, self.dialect)

@@ -16,6 +16,9 @@ API (used by `aiqueue db ...` and by `doctor`):
                  current > head means the database is newer than this aiqueue)
     describe(store) -> dict   # `db current --json`: current, head, pending, state, ...
     upgrade(store) -> list[Step]   # the steps applied now (empty when already at head)
+    check_version(conn)   # exit 8 unless the stored version is HEAD; Store runs it in its first
+                          # write transaction (one single-row query), so no command writes
+                          # through a schema behind or ahead of the code; reads go on
 
 Each step runs in its own transaction (SQLite and PostgreSQL both have transactional DDL), which
 also stamps the new version, so a failed step leaves the database at the previous version.
@@ -298,6 +301,27 @@ def _apply(conn: Connection, dialect: str, step: Step) -> bool:
             " ON CONFLICT (id) DO NOTHING"))
     conn.execute(text(f"UPDATE {STATE_TABLE} SET schema_version = :v WHERE id = 1"), {"v": step.version})
     return True
+
+
+def check_version(conn: Connection) -> None:
+    """Refuse (exit 8) to work on a schema this code does not match; one indexed single-row
+    query. Store runs it in its first write transaction; no table at all is translated by the
+    engine into "run `aiqueue db init`"."""
+    from sqlalchemy import text
+
+    from aiqueue.errors import DatabaseError
+
+    current = conn.execute(text(f"SELECT schema_version FROM {STATE_TABLE} WHERE id = 1")).scalar()
+    if current == HEAD:
+        return
+    if current is None:
+        raise DatabaseError("the aiqueue schema has no version row: run `aiqueue db upgrade`",
+                            current=0, head=HEAD)
+    if current < HEAD:
+        raise DatabaseError(f"the database schema is at version {current}, this aiqueue needs {HEAD}:"
+                            " run `aiqueue db upgrade`", current=current, head=HEAD)
+    raise DatabaseError(f"the database schema is at version {current}, newer than this aiqueue knows"
+                        f" ({HEAD}): upgrade aiqueue", current=current, head=HEAD)
 
 
 def create_head(conn: Connection, dialect: str) -> bool:
