@@ -58,6 +58,10 @@ class HealthReport:
     def exit_code(self) -> int:
         return EXIT_CODES[self.status]
 
+    @property
+    def ok(self) -> bool:  # `--quiet` prints a report only when it is not
+        return self.status == OK
+
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, "checks": [c.to_dict() for c in self.checks]}
 

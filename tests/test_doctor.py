@@ -130,6 +130,13 @@ def test_exit_codes_follow_the_worst_level(cli: Callable[..., Run], db_url: str)
     assert max(len(line) for line in cli("doctor").stdout.splitlines()) <= 80
 
 
+def test_quiet_prints_only_a_report_that_is_not_ok(cli: Callable[..., Run]) -> None:
+    assert (cli("--quiet", "doctor").code, cli("--quiet", "doctor").stdout) == (0, "")
+    cli("pause")
+    run = cli("--quiet", "doctor", "--json")
+    assert run.code == 1 and json.loads(run.stdout)["status"] == "warning"
+
+
 def test_without_an_api_key_the_provider_is_a_warning(cli: Callable[..., Run], monkeypatch: pytest.MonkeyPatch,
                                                      fake_hub: Any) -> None:
     monkeypatch.delenv("RUNNINGHUB_API_KEY")

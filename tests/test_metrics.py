@@ -266,6 +266,8 @@ def test_output_writes_the_file_atomically(cli: Callable[..., Run], tmp_path: Pa
         assert both.code == 0 and json.loads(both.stdout)["paused"] is True
         assert value(parse_exposition(reader.read()), "aiqueue_paused") == 0  # still the old file, whole
     assert target.stat().st_ino != before  # replaced by a rename, not rewritten in place
+    quiet = cli("--quiet", "metrics", "--output", str(target))
+    assert (quiet.code, quiet.stdout, quiet.stderr) == (0, "", "")
     assert value(parse_exposition(target.read_text(encoding="utf-8")), "aiqueue_paused") == 1
     assert os.listdir(directory) == ["aiqueue.prom"]
 
@@ -334,3 +336,53 @@ def test_sqlite_plans_use_indexes(make_manager: Callable[..., Any]) -> None:
 def test_scrape_time_is_a_float(make_manager: Callable[..., Any]) -> None:
     metrics = collect_metrics(make_manager())
     assert isinstance(metrics.scrape_duration_seconds, float) and math.isfinite(metrics.scrape_duration_seconds)
+
+
+# --- many rows: the SQL aggregates agree with a count in Python ------------------------------------
+
+CODED = [  # (stored error, code the metric must count it under, or None)
+    ("submit rejected: 803 APIKEY_INVALID_NODE_INFO", "803"),
+    ("submit rejected: 1011 system busy", "1011"),
+    ("805 APIKEY_TASK_STATUS_ERROR: task failed", "805"),
+    ("provider code 805", "805"),
+    ("1505 photorealistic real people prohibited", "1505"),
+    ("803", "803"),
+    ("submit rejected: HTTP 404 Not Found: <html>", None),
+    ("12345 five digits", None),
+    ("80 two digits", None),
+    ("803APIKEY_INVALID", None),
+    ("timed out after 10m01s running (limit 10m); provider: unreachable: 802 APIKEY_UNAUTHORIZED", None),
+    ("", None),
+]
+
+
+def test_aggregates_over_many_rows_match_a_count_in_python(make_manager: Callable[..., Any], db_url: str) -> None:
+    from collections import Counter
+
+    from aiqueue.store.bulk import generate
+
+    manager = make_manager()
+    generate(manager.store, 3000, 300, fail_rate=0.3, users=1000, events=False, seed=1)
+    generate(manager.store, 2000, 200, fail_rate=0.2, users=500, events=False, seed=2, cost=20,
+             tool="upscale_video", user_prefix="video-")
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        failed = [r[0] for r in conn.execute(text("SELECT id FROM aiqueue_jobs WHERE status = 'failed' ORDER BY id"))]
+        for n, job_id in enumerate(failed[: len(CODED) * 40]):
+            conn.execute(text("UPDATE aiqueue_jobs SET error = :e WHERE id = :id"),
+                         {"e": CODED[n % len(CODED)][0], "id": job_id})
+        conn.execute(text("UPDATE aiqueue_jobs SET error = NULL WHERE id = :id"), {"id": failed[-1]})
+        rows = conn.execute(text("SELECT status, tool, error FROM aiqueue_jobs")).all()
+        refunds = conn.execute(text("SELECT amount FROM aiqueue_ledger WHERE kind = 'refund'")).all()
+    engine.dispose()
+
+    metrics = collect_metrics(manager)
+    by_status = Counter((status, tool) for status, tool, _ in rows)
+    assert {(s, t): n for s, t, n in metrics.finished + metrics.active if n} == dict(by_status)
+    assert metrics.queued == 500 and metrics.running == 0
+    assert (metrics.refunds, metrics.refunded_credits) == (len(refunds), sum(a for (a,) in refunds))
+    code = re.compile(r"(?:submit rejected: |provider code )?([0-9]{3,4})(?: |\Z)")
+    expected = Counter(m.group(1) for status, _, error in rows
+                       if status == "failed" and error and (m := code.match(error)))
+    assert dict(metrics.provider_errors) == dict(expected)
+    assert expected == {"803": 80, "1011": 40, "805": 80, "1505": 40}

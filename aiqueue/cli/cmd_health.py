@@ -61,9 +61,12 @@ def metrics(ctx: typer.Context, output: OutputOpt = None, as_json: JsonOpt = Fal
     from aiqueue.monitor import collect_metrics
 
     result = collect_metrics(manager_of(ctx))
+    options = options_of(ctx)
     if output is not None:
         write_atomically(output, prometheus_text(result))
-    if as_json or options_of(ctx).json:
+    if options.quiet:  # a read: the exit code tells
+        return
+    if as_json or options.json:
         render.write_json(result.to_dict())
     elif output is None:
         sys.stdout.write(prometheus_text(result))
