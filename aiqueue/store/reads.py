@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select, union_all
+from sqlalchemy import func, literal_column, select, union_all
 from sqlalchemy.engine import Connection
 
 from aiqueue.domain import Job, Status
@@ -46,7 +46,10 @@ class ReadQueries:
         rows = self.conn.execute(
             select(jobs.c.status, func.count())
             .where(jobs.c.finished_at >= since)
-            .group_by(jobs.c.status)
+            # SQLite (no statistics) would rather walk the whole (status, id) index for the GROUP
+            # BY than range-scan the covering (finished_at, status) one: 450 ms instead of 20 on a
+            # million jobs. A unary + keeps the grouping off that index.
+            .group_by(literal_column("+aiqueue_jobs.status") if self.dialect == "sqlite" else jobs.c.status)
         )
         return {str(status): int(n) for status, n in rows}
 
