@@ -257,11 +257,16 @@ class QueueManager:
         return self._finish(lambda tx: tx.get_job(job_id), outcome, source="operator", job_id=job_id)
 
 
-    def finish_webhook(self, raw: bytes) -> FinishResult:
+    def finish_webhook(self, raw: bytes, job_hint: int | None = None, *, fill: bool = True) -> FinishResult:
         """Apply a raw RunningHub webhook body through the same path as finish. The body is
         kept in the inbox first (once per distinct body): one that arrives before its task id
         is stored is applied as soon as the submit is recorded. Duplicates and unknown tasks
-        change nothing; a malformed body raises InvalidWebhookError and is not kept."""
+        change nothing; a malformed body raises InvalidWebhookError and is not kept.
+
+        job_hint is the job id the webhook URL carried (`?job=ID`): when no job has the task
+        and that job is still `starting` without a task id (its submit was accepted but the id
+        never stored: a crash or a lost answer), the task is attached to it first. With fill
+        False the caller starts the next jobs itself (the receiver answers RunningHub first)."""
         from aiqueue.webhooks import parse_webhook
 
         event = parse_webhook(raw)
@@ -273,6 +278,8 @@ class QueueManager:
             tx.lock_task(event.task_id)
             inbox_id, _ = tx.store_webhook(event.task_id, digest, body, now)
             job = tx.get_job_by_task(event.task_id)
+            if job is None and job_hint is not None:
+                job = self._adopt_task(tx, job_hint, event.task_id)
             if job is None:
                 return FinishResult(
                     job=None, changed=False,
@@ -282,7 +289,21 @@ class QueueManager:
             tx.mark_webhook(inbox_id, job.id, result.message or f"job {job.id} {result.job.status}", now)
             return result
 
-        return self._after(self.store.run(tx_fn))
+        result = self.store.run(tx_fn)
+        return self._after(result) if fill else result
+
+    def _adopt_task(self, tx: Tx, job_id: int, task_id: str) -> Job | None:
+        if isinstance(job_id, bool) or not isinstance(job_id, int) or not 1 <= job_id < 2**63:
+            return None  # only a hint: the webhook is kept all the same
+        job = tx.get_job(job_id, for_update=True)
+        if job is None or job.status is not Status.STARTING or job.provider_task_id is not None:
+            return None
+        now = self.clock.now()
+        running = tx.transition(job.id, [Status.STARTING], Status.RUNNING, now, provider_task_id=task_id,
+                                error=None)
+        if running is not None:
+            tx.add_event(job.id, Status.STARTING, Status.RUNNING, now, f"provider task {task_id} (from its webhook)")
+        return running
 
     def unmatched_webhooks(self) -> list[UnmatchedWebhook]:
         """Webhooks kept in the inbox whose task no job has (yet), oldest first."""
@@ -505,7 +526,7 @@ class QueueManager:
             {"nodeId": item.node_id, "fieldName": item.field, "fieldValue": job.inputs.get(name, item.default)}
             for name, item in spec.inputs.items()
         ]
-        return self._get_provider().submit(spec.webapp_id, node_info_list, self.settings.webhook_url)
+        return self._get_provider().submit(spec.webapp_id, node_info_list, self.settings.submit_webhook_url(job.id))
 
     def _record(self, tx: Tx, job: Job, outcome: SubmitOutcome) -> Job | None:
         now = self.clock.now()
@@ -516,7 +537,9 @@ class QueueManager:
                 job.id, [Status.STARTING], Status.RUNNING, now, provider_task_id=outcome.task_id, error=None
             )
             if running is None:
-                return None
+                # Its webhook may have come first and attached the task (finish_webhook's hint).
+                current = tx.get_job(job.id)
+                return current if current is not None and current.provider_task_id == outcome.task_id else None
             tx.add_event(job.id, Status.STARTING, Status.RUNNING, now, f"provider task {outcome.task_id}")
             return self._apply_early_webhooks(tx, running)
         if outcome.kind == "busy":

@@ -30,13 +30,18 @@ ENV_DATABASE_URL = "AIQUEUE_DATABASE_URL"
 ENV_MAX_CONCURRENT = "AIQUEUE_MAX_CONCURRENT"
 ENV_API_KEY = "RUNNINGHUB_API_KEY"
 ENV_ALLOW_INSECURE = "AIQUEUE_ALLOW_INSECURE_CONFIG"
+ENV_WEBHOOK_TOKEN = "AIQUEUE_WEBHOOK_TOKEN"
 
 PROVIDERS = ("runninghub",)
 DEFAULT_BASE_URL = "https://www.runninghub.ai"
 MASK = "***"
+# The receiver's route; the token follows it: {public_url}/runninghub/webhook/{token}?job={id}
+WEBHOOK_ROUTE = "/runninghub/webhook/"
+MIN_TOKEN_LENGTH = 32
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _KEY_CHARS = re.compile(r"[A-Za-z0-9._~+/=-]+")
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_-]+")  # URL-safe: it travels in a URL path
 _SECRET_PARAM = re.compile(r"token|secret|key|pass|sig|auth", re.IGNORECASE)
 # Greedy up to the last '@': a raw '@', '/' or '?' inside a password must still be masked.
 _USERINFO = re.compile(r"(?P<user>[^:/?#@]*):(?P<password>.*)@")
@@ -90,7 +95,9 @@ class Settings:
     stale_after: timedelta = timedelta(minutes=10)
     provider_name: str = "runninghub"
     base_url: str = DEFAULT_BASE_URL
-    webhook_url: str | None = None
+    webhook_url: str | None = None  # [provider] webhook_url, sent as is
+    webhook_public_url: str | None = None  # [webhook] public_url: the receiver's public root
+    webhook_token: str | None = None  # never shown: repr/redacted mask it
     api_key: str | None = None  # never shown: repr/str/redacted mask it
     request_timeout: float = 10.0  # seconds, [provider] timeout
     # `aiqueue doctor` thresholds ([doctor]): the FIFO head's wait and the number queued.
@@ -107,7 +114,7 @@ class Settings:
         shown = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "api_key" and value is not None:
+            if f.name in ("api_key", "webhook_token") and value is not None:
                 text = repr(MASK)
             elif f.name in ("database_url", "webhook_url") and value is not None:
                 text = repr(mask_url(value))
@@ -117,6 +124,13 @@ class Settings:
                 text = repr(value)
             shown.append(f"{f.name}={text}")
         return f"Settings({', '.join(shown)})"
+
+    def submit_webhook_url(self, job_id: int) -> str | None:
+        """The webhookUrl a submit of this job sends: the receiver's URL with the token and the
+        job id when [webhook] public_url is set, else [provider] webhook_url as it is (or None)."""
+        if self.webhook_public_url and self.webhook_token:
+            return f"{self.webhook_public_url}{WEBHOOK_ROUTE}{self.webhook_token}?job={job_id}"
+        return self.webhook_url
 
 
 # Dotted key -> Settings field, for everything but tools.
@@ -129,12 +143,14 @@ _FIELDS = {
     "provider.webhook_url": "webhook_url",
     "provider.api_key": "api_key",
     "provider.timeout": "request_timeout",
+    "webhook.public_url": "webhook_public_url",
+    "webhook.token": "webhook_token",
     "doctor.queue_age_warning": "queue_age_warning",
     "doctor.queue_age_critical": "queue_age_critical",
     "doctor.queue_depth_warning": "queue_depth_warning",
     "doctor.queue_depth_critical": "queue_depth_critical",
 }
-_SECTIONS = ("database", "queue", "provider", "doctor", "tools")
+_SECTIONS = ("database", "queue", "provider", "doctor", "webhook", "tools")
 _TOOL_KEYS = ("webapp_id", "cost", "inputs")
 _INPUT_KEYS = ("node_id", "field", "default")
 
@@ -275,6 +291,28 @@ def _secret(value: Any, key: str, origin: _Origin) -> str:
     return value
 
 
+def _public_url(value: Any, key: str, origin: _Origin) -> str:
+    text = _http_url(value, key, origin).rstrip("/")
+    parts = urlsplit(text)
+    if parts.query or parts.fragment or "@" in parts.netloc:
+        raise origin.error(key, "must be a plain http(s) URL: no user, query or fragment", value)
+    return text
+
+
+def _token(value: Any, key: str, origin: _Origin) -> str:
+    # A secret: never echoed, even a malformed one. It goes into a URL path, so URL-safe only.
+    if not isinstance(value, str) or not value.strip():
+        raise origin.error(key, "must be a non-empty string")
+    value = value.strip()
+    if not _TOKEN_CHARS.fullmatch(value):
+        raise origin.error(key, "may hold only letters, digits, _ and - (try: python3 -c "
+                                "'import secrets; print(secrets.token_urlsafe(32))')")
+    if not MIN_TOKEN_LENGTH <= len(value) <= 256:
+        raise origin.error(key, f"must be {MIN_TOKEN_LENGTH} to 256 characters long (try: python3 -c "
+                                "'import secrets; print(secrets.token_urlsafe(32))')")
+    return value
+
+
 def _timeout(value: Any, key: str, origin: _Origin) -> float:
     if (
         isinstance(value, (int, float))
@@ -299,6 +337,8 @@ _VALIDATORS: dict[str, Callable[[Any, str, _Origin], Any]] = {
     "provider.webhook_url": _http_url,
     "provider.api_key": _secret,
     "provider.timeout": _timeout,
+    "webhook.public_url": _public_url,
+    "webhook.token": _token,
     "doctor.queue_age_warning": _duration,
     "doctor.queue_age_critical": _duration,
     "doctor.queue_depth_warning": _positive_int,
@@ -438,7 +478,7 @@ def _parse_file(
 ) -> tuple[dict[str, Any], dict[str, ToolSpec] | None]:
     _known_keys(data, _SECTIONS, "", origin)
     values: dict[str, Any] = {}
-    for section in ("database", "queue", "provider", "doctor"):
+    for section in ("database", "queue", "provider", "doctor", "webhook"):
         if section not in data:
             continue
         table = _table(data[section], section, origin)
@@ -543,14 +583,16 @@ def load_settings(
         origin = _Origin(label=f"config {path}", source="file", base=path.parent, path=path)
         values, tools = _parse_file(_read(path), origin)
         sources = dict.fromkeys(values, "file")
-        if "provider.api_key" in values:
-            _check_private(path, env)
+        private = [key for key in ("provider.api_key", "webhook.token") if key in values]
+        if private:
+            _check_private(path, env, private[0])
 
     # Environment: empty variables count as unset, as shells make them easy to leave behind.
     for key, variable in (
         ("database.url", ENV_DATABASE_URL),
         ("queue.max_concurrent", ENV_MAX_CONCURRENT),
         ("provider.api_key", ENV_API_KEY),
+        ("webhook.token", ENV_WEBHOOK_TOKEN),
     ):
         raw = env.get(variable, "")
         if raw.strip():
@@ -563,6 +605,7 @@ def load_settings(
         values["database.url"] = _database_url(db_url, "database.url", _Origin("--db", "flag"))
         sources["database.url"] = "flag"
 
+    _check_webhook(values, sources, path)
     if "database.url" not in values:
         values["database.url"] = default_database_url(env)
     for key in _FIELDS:
@@ -577,18 +620,32 @@ def load_settings(
     )
 
 
-def _check_private(path: Path, env: Mapping[str, str]) -> None:
-    """A file holding the API key must not be readable by group or others (as ssh and libpq
-    insist for their keys), unless AIQUEUE_ALLOW_INSECURE_CONFIG=1 says so explicitly."""
+def _check_webhook(values: dict[str, Any], sources: dict[str, str], path: Path | None) -> None:
+    """webhook.public_url needs the token it builds URLs with, and replaces provider.webhook_url
+    (two places saying where RunningHub posts would leave one of them silently unused)."""
+    where = f"config {path}" if path else "settings"
+    if "webhook.public_url" in values and "webhook.token" not in values:
+        raise ConfigError(f"{where}: webhook.public_url is set but webhook.token is not "
+                          f"(set it in [webhook] or {ENV_WEBHOOK_TOKEN})", key="webhook.token")
+    if "webhook.public_url" in values and "provider.webhook_url" in values:
+        raise ConfigError(f"{where}: set webhook.public_url or provider.webhook_url, not both "
+                          "(public_url builds each submit's URL with the token and the job id)",
+                          key="provider.webhook_url")
+
+
+def _check_private(path: Path, env: Mapping[str, str], key: str = "provider.api_key") -> None:
+    """A file holding the API key or the webhook token must not be readable by group or others
+    (as ssh and libpq insist for their keys), unless AIQUEUE_ALLOW_INSECURE_CONFIG=1 says so."""
     if os.name != "posix" or env.get(ENV_ALLOW_INSECURE, "").strip() == "1":
         return
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         raise ConfigError(
-            f"config {path} holds provider.api_key but is readable by others (mode {mode:04o}): "
-            f"run `chmod 600 {path}`, move the key to RUNNINGHUB_API_KEY, "
+            f"config {path} holds {key} but is readable by others (mode {mode:04o}): "
+            f"run `chmod 600 {path}`, move the secret to "
+            f"{ENV_API_KEY if key == 'provider.api_key' else ENV_WEBHOOK_TOKEN}, "
             f"or set {ENV_ALLOW_INSECURE}=1",
-            path=str(path), key="provider.api_key",
+            path=str(path), key=key,
         )
 
 
@@ -605,8 +662,14 @@ def redacted(settings: Settings) -> dict[str, Any]:
         "stale_after_seconds": settings.stale_after.total_seconds(),
         "provider_name": settings.provider_name,
         "base_url": settings.base_url,
-        "webhook_url": mask_url(settings.webhook_url) if settings.webhook_url else None,
+        "webhook_url": _mask_token(settings, mask_url(settings.webhook_url)) if settings.webhook_url else None,
         "api_key": MASK if settings.api_key else None,
+        "webhook": {
+            "public_url": settings.webhook_public_url,
+            "token": MASK if settings.webhook_token else None,
+            "submit_url": _mask_token(settings, settings.submit_webhook_url(0) or "").replace("job=0", "job=ID")
+            or None,
+        },
         "request_timeout": settings.request_timeout,
         "doctor": {
             "queue_age_warning_seconds": settings.queue_age_warning.total_seconds(),
@@ -617,6 +680,10 @@ def redacted(settings: Settings) -> dict[str, Any]:
         "tools": {name: tool.to_dict() for name, tool in settings.tools.items()},
         "sources": dict(settings.sources),
     }
+
+
+def _mask_token(settings: Settings, text: str) -> str:
+    return text.replace(settings.webhook_token, MASK) if settings.webhook_token else text
 
 
 def save_config(path: str | os.PathLike[str], data: dict[str, Any], *, force: bool = False) -> Path:

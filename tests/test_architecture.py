@@ -43,6 +43,9 @@ FORBIDDEN = [
      "the benchmark is glue over manager/store/provider; only cli/ talks to the terminal"),
     ([p for p in PACKAGE.rglob("*.py") if "bench" not in p.parts and p.name != "cmd_bench.py"],
      ("aiqueue.bench",), "only `aiqueue bench` (cli/cmd_bench.py) may import the benchmark"),
+    (files("receiver.py"),
+     ("typer", "click", "rich", "httpx", "sqlalchemy", "sqlmodel", "aiqueue.cli", "aiqueue.store", "aiqueue.provider"),
+     "the webhook receiver sits at the manager's level: no terminal, no SQL, no provider client"),
 ]
 
 

@@ -639,3 +639,96 @@ def test_config_with_api_key_must_be_private(tmp_path: Path) -> None:
     no_key = write(tmp_path / "open.toml", '[queue]\nmax_concurrent = 2\n')
     no_key.chmod(0o644)  # nothing secret in it: readable is fine
     assert load_settings(no_key, env={}).max_concurrent == 2
+
+
+# --- the webhook receiver's section ---------------------------------------------------------------
+
+WEBHOOK_TOKEN = "wh-tok_0123456789abcdefghijklmnopqrstuv"
+
+
+def test_webhook_section_builds_each_submits_url(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.toml", f"""
+        [webhook]
+        public_url = "https://queue.example.org/aiqueue/"
+        token = "{WEBHOOK_TOKEN}"
+        """)
+    settings = load_settings(path, env={})
+    assert settings.webhook_public_url == "https://queue.example.org/aiqueue"
+    assert settings.sources["webhook.token"] == "file" and settings.sources["webhook.public_url"] == "file"
+    assert settings.submit_webhook_url(42) == (
+        f"https://queue.example.org/aiqueue/runninghub/webhook/{WEBHOOK_TOKEN}?job=42")
+    assert WEBHOOK_TOKEN not in repr(settings)
+    view = json.loads(json.dumps(redacted(settings)))
+    assert view["webhook"] == {
+        "public_url": "https://queue.example.org/aiqueue", "token": "***",
+        "submit_url": "https://queue.example.org/aiqueue/runninghub/webhook/***?job=ID"}
+    assert WEBHOOK_TOKEN not in json.dumps(view)
+
+
+def test_webhook_token_from_env_wins_and_provider_webhook_url_still_works(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.toml", f"""
+        [provider]
+        webhook_url = "https://q.example/hooks/{WEBHOOK_TOKEN}"
+        [webhook]
+        token = "{'f' * 40}"
+        """)
+    settings = load_settings(path, env={"AIQUEUE_WEBHOOK_TOKEN": WEBHOOK_TOKEN})
+    assert settings.webhook_token == WEBHOOK_TOKEN and settings.sources["webhook.token"] == "env"
+    # Without public_url, submits send provider.webhook_url as it is (no job id added).
+    assert settings.submit_webhook_url(7) == f"https://q.example/hooks/{WEBHOOK_TOKEN}"
+    view = redacted(settings)
+    assert view["webhook_url"] == "https://q.example/hooks/***" and view["webhook"]["token"] == "***"
+    assert load_settings(env={}).submit_webhook_url(7) is None
+
+
+@pytest.mark.parametrize("value, problem", [
+    ('"short-token"', "32 to 256 characters"),
+    (f'"{"x" * 257}"', "32 to 256 characters"),
+    (f'"{WEBHOOK_TOKEN[:-1]}/"', "letters, digits, _ and -"),
+    (f'"{WEBHOOK_TOKEN[:-1]}?"', "letters, digits, _ and -"),
+    ('""', "non-empty string"),
+    ("12345", "non-empty string"),
+])
+def test_bad_webhook_tokens_are_refused_without_echo(tmp_path: Path, value: str, problem: str) -> None:
+    message = config_error(tmp_path / "c.toml", f"[webhook]\ntoken = {value}\n")
+    assert "webhook.token" in message and problem in message
+    assert value.strip('"') not in message or value == '""'
+
+
+def test_bad_webhook_token_in_env_is_refused_without_echo(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={"AIQUEUE_WEBHOOK_TOKEN": "tiny-secret"})
+    assert "AIQUEUE_WEBHOOK_TOKEN" in str(info.value) and "tiny-secret" not in str(info.value)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('[webhook]\npublic_url = "https://q.example"\n', "webhook.token is not"),
+    (f'[webhook]\npublic_url = "ftp://q.example"\ntoken = "{WEBHOOK_TOKEN}"\n', "http:// or https://"),
+    (f'[webhook]\npublic_url = "https://q.example/?a=1"\ntoken = "{WEBHOOK_TOKEN}"\n', "no user, query"),
+    (f'[webhook]\npublic_url = "https://u:p@q.example"\ntoken = "{WEBHOOK_TOKEN}"\n', "no user, query"),
+    ((f'[provider]\nwebhook_url = "https://a.example/h"\n[webhook]\npublic_url = "https://q.example"\n'
+      f'token = "{WEBHOOK_TOKEN}"\n'), "not both"),
+    ('[webhook]\ntokn = "x"\n', "did you mean token?"),
+])
+def test_webhook_section_errors_name_the_key(tmp_path: Path, text: str, problem: str) -> None:
+    message = config_error(tmp_path / "c.toml", text)
+    assert problem in message and WEBHOOK_TOKEN not in message
+
+
+def test_config_with_webhook_token_must_be_private(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.toml", f'[webhook]\ntoken = "{WEBHOOK_TOKEN}"\n')
+    path.chmod(0o644)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, env={})
+    message = str(err.value)
+    assert "webhook.token" in message and "AIQUEUE_WEBHOOK_TOKEN" in message and WEBHOOK_TOKEN not in message
+    path.chmod(0o600)
+    assert load_settings(path, env={}).webhook_token == WEBHOOK_TOKEN
+
+
+def test_example_documents_the_webhook_section() -> None:
+    text = EXAMPLE.read_text()
+    for key in ("[webhook]", "public_url", "token", "AIQUEUE_WEBHOOK_TOKEN", "/runninghub/webhook/{token}?job="):
+        assert key in text, key
+    settings = load_settings(EXAMPLE)
+    assert settings.webhook_public_url is None and settings.webhook_token is None  # commented out

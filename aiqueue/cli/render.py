@@ -216,6 +216,8 @@ def render_config(console: Console, view: ConfigView) -> None:
         ("provider.webhook_url", values["webhook_url"] or "-", sources.get("provider.webhook_url")),
         ("provider.api_key", values["api_key"] or "(not set)", sources.get("provider.api_key")),
         ("provider.timeout", f"{values['request_timeout']:g}s", sources.get("provider.timeout")),
+        ("webhook.public_url", values["webhook"]["public_url"] or "-", sources.get("webhook.public_url")),
+        ("webhook.token", values["webhook"]["token"] or "(not set)", sources.get("webhook.token")),
     ]
     for key, value, source in rows:
         table.add_row(_cell(key), _cell(value), _cell(source))

@@ -51,7 +51,8 @@ class LazyRunningHub:
             timeout = self._settings.request_timeout
             self._http = httpx.Client(timeout=timeout)
             self._client = RunningHubClient(
-                self._settings.base_url, self._settings.api_key, http=self._http, timeout=timeout
+                self._settings.base_url, self._settings.api_key, http=self._http, timeout=timeout,
+                secrets=[self._settings.webhook_token] if self._settings.webhook_token else [],
             )
         return self._client
 
@@ -77,6 +78,8 @@ def manager_for(settings: Settings, provider: LazyRunningHub) -> QueueManager:
 
     if settings.api_key:
         SECRETS.add(settings.api_key)
+    if settings.webhook_token:
+        SECRETS.add(settings.webhook_token)
     password = urlsplit(settings.database_url).password
     if password:
         SECRETS.update({password, unquote(password)})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Literal, Self, TypeVar
 
@@ -26,8 +27,8 @@ from aiqueue.provider.codes import (
     interpret_query_result,
     interpret_task_result,
     one_line,
-    without_surrogates,
     parse_code,
+    without_surrogates,
 )
 
 __all__ = [
@@ -64,6 +65,7 @@ class RunningHubClient:
         api_key: str,
         http: httpx.Client | None = None,
         timeout: float = 10.0,
+        secrets: Sequence[str] = (),
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"RunningHub base URL must start with http:// or https://: {base_url!r}")
@@ -77,6 +79,9 @@ class RunningHubClient:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self._api_key = api_key
+        # Masked like the key in every text we keep: the webhook token rides in each submit's
+        # webhookUrl, and an answer that echoes the request would otherwise carry it.
+        self._secrets = sorted({s for s in (api_key, *secrets) if len(s) >= 8}, key=len, reverse=True)
         self._owns_http = http is None
         self._http = http if http is not None else httpx.Client()
 
@@ -222,14 +227,17 @@ class RunningHubClient:
         return "garbage", f"answer had no business code: {excerpt(payload)}"
 
     def redact(self, text: str) -> str:
-        """Mask the key in provider text (keys shorter than 8 characters are left: masking
-        them would corrupt ordinary words, and they are not worth hiding)."""
-        return text.replace(self._api_key, "***") if len(self._api_key) >= 8 else text
+        """Mask the key (and the webhook token) in provider text (secrets shorter than 8
+        characters are left: masking them would corrupt ordinary words, and they are not worth
+        hiding)."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     _scrub = redact
 
     def _scrubbed(self, outcome: _Outcome) -> _Outcome:
-        if outcome.message and len(self._api_key) >= 8 and self._api_key in outcome.message:
+        if outcome.message and any(secret in outcome.message for secret in self._secrets):
             return replace(outcome, message=self._scrub(outcome.message))
         return outcome
 
