@@ -42,13 +42,13 @@ def test_completion_files_are_up_to_date() -> None:
 def test_the_generator_checks_and_writes(tmp_path: Path) -> None:
     target = tmp_path / "out"
     command = [sys.executable, "-m", "aiqueue.cli.completions"]
-    check = subprocess.run([*command, "--check", str(target)], capture_output=True, text=True, timeout=60)
+    check = subprocess.run([*command, "--check", str(target)], check=False, capture_output=True, text=True, timeout=60)
     assert check.returncode == 1 and "aiqueue.bash is out of date" in check.stderr
-    assert subprocess.run([*command, str(target)], capture_output=True, timeout=60).returncode == 0
+    assert subprocess.run([*command, str(target)], check=False, capture_output=True, timeout=60).returncode == 0
     for name in completions.FILES.values():
         assert (target / name).read_text() == (SCRIPTS / name).read_text()
     (target / "_aiqueue").write_text("#compdef aiqueue\n# edited by hand\n")
-    check = subprocess.run([*command, "--check", str(target)], capture_output=True, text=True, timeout=60)
+    check = subprocess.run([*command, "--check", str(target)], check=False, capture_output=True, text=True, timeout=60)
     assert check.returncode == 1 and "_aiqueue is out of date" in check.stderr and "aiqueue.bash" not in check.stderr
 
 
@@ -61,7 +61,7 @@ def _bash_complete(tmp_path: Path, words: list[str], **env: str) -> list[str]:
         "_aiqueue_completion aiqueue\n"
         'printf "%s\\n" "${COMPREPLY[@]}"\n'
     )
-    done = subprocess.run(["bash", "--norc", "--noprofile", "-c", program], capture_output=True, text=True,
+    done = subprocess.run(["bash", "--norc", "--noprofile", "-c", program], check=False, capture_output=True, text=True,
                           env=_env(tmp_path, **env), timeout=60, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     return [w for w in done.stdout.splitlines() if w]
@@ -87,11 +87,11 @@ def test_bash_completes_commands_options_and_tools(tmp_path: Path, config: Path)
 
 def test_zsh_and_fish_protocols(tmp_path: Path, config: Path) -> None:
     aiqueue = str(BIN / "aiqueue")
-    zsh = subprocess.run([aiqueue], capture_output=True, text=True, timeout=60, env=_env(
+    zsh = subprocess.run([aiqueue], check=False, capture_output=True, text=True, timeout=60, env=_env(
         tmp_path, _AIQUEUE_COMPLETE="complete_zsh", _TYPER_COMPLETE_ARGS="aiqueue enqueue --tool ",
         AIQUEUE_CONFIG=str(config)))
     assert zsh.returncode == 0 and '"upscale_image":"5 credits"' in zsh.stdout
-    fish = subprocess.run([aiqueue], capture_output=True, text=True, timeout=60, env=_env(
+    fish = subprocess.run([aiqueue], check=False, capture_output=True, text=True, timeout=60, env=_env(
         tmp_path, _AIQUEUE_COMPLETE="complete_fish", _TYPER_COMPLETE_FISH_ACTION="get-args",
         _TYPER_COMPLETE_ARGS="aiqueue db "))
     assert fish.returncode == 0
@@ -100,7 +100,7 @@ def test_zsh_and_fish_protocols(tmp_path: Path, config: Path) -> None:
 
 def test_show_completion_prints_the_script_for_the_detected_shell(tmp_path: Path) -> None:
     done = subprocess.run(["bash", "--norc", "--noprofile", "-c", "aiqueue --show-completion"],
-                          capture_output=True, text=True, env=_env(tmp_path), timeout=60)
+                          check=False, capture_output=True, text=True, env=_env(tmp_path), timeout=60)
     assert done.returncode == 0 and done.stderr == ""
     assert done.stdout.strip() == completions.script("bash").replace(completions.FOOTER, "").strip()
 
@@ -109,7 +109,7 @@ def test_install_completion_writes_the_script_for_the_detected_shell(tmp_path: P
     env = _env(tmp_path)
     # Run from bash so the shell is detected as a user's would be.
     done = subprocess.run(["bash", "--norc", "--noprofile", "-c", "aiqueue --install-completion"],
-                          capture_output=True, text=True, env=env, timeout=60)
+                          check=False, capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     installed = tmp_path / "home" / ".bash_completions" / "aiqueue.sh"
     assert "bash completion installed" in done.stdout

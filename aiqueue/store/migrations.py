@@ -163,8 +163,8 @@ def _v1(id_: str, ref: str, ts: str) -> tuple[str, ...]:
 _IX_STATUS_READS = (
     "CREATE INDEX IF NOT EXISTS ix_aiqueue_jobs_tool_status_id ON aiqueue_jobs (tool, status, id)",
     "CREATE INDEX IF NOT EXISTS ix_aiqueue_jobs_created ON aiqueue_jobs (created_at)",
-    "CREATE INDEX IF NOT EXISTS ix_aiqueue_jobs_finished_status ON aiqueue_jobs (finished_at, status)"
-    " WHERE finished_at IS NOT NULL",
+    ("CREATE INDEX IF NOT EXISTS ix_aiqueue_jobs_finished_status ON aiqueue_jobs (finished_at, status)"
+     " WHERE finished_at IS NOT NULL"),
 )
 
 
