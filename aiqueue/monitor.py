@@ -10,14 +10,15 @@ the provider is still asked.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from aiqueue.clock import format_duration
-from aiqueue.errors import AiqueueError, ConfigError, ProviderError
+from aiqueue.errors import AiqueueError, ConfigError, ProviderError, UsageError
 from aiqueue.provider.codes import ACCOUNT_CODES, CAPACITY_CODES
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ CRITICAL: Level = "critical"
 # Exit codes as monitoring plugins (Nagios, Icinga, Sensu) read them.
 EXIT_CODES: dict[Level, int] = {OK: 0, WARNING: 1, CRITICAL: 2}
 CHECKS = ("database", "schema", "provider", "stuck_jobs", "queue_age", "queue_depth", "paused", "refund_audit")
+SKIPPABLE = CHECKS[2:]  # the database and the schema gate every other check
 TERMINAL = ("completed", "failed", "cancelled")
 ACTIVE = ("queued", "starting", "running")
 
@@ -138,34 +140,44 @@ def collect_metrics(manager: QueueManager) -> Metrics:
 # --- doctor -----------------------------------------------------------------------------------
 
 
-def doctor(manager: QueueManager, provider: Callable[[], Any]) -> HealthReport:
+def doctor(manager: QueueManager, provider: Callable[[], Any], skip: Collection[str] = ()) -> HealthReport:
     """Run every check; none stops another. `provider` builds the RunningHub client (raising
-    ConfigError when no API key is configured); only its account_status() is called."""
+    ConfigError when no API key is configured); only its account_status() is called. Checks
+    named in `skip` are not run (reported ok, "skipped"): e.g. the refund audit, which reads
+    every job and ledger entry, for a check that runs every minute."""
+    unknown = sorted(set(skip) - set(SKIPPABLE))
+    if unknown:
+        raise UsageError(f"cannot skip {', '.join(unknown)}: choose from {', '.join(SKIPPABLE)}", check=unknown[0])
+
+    def run(name: str, fn: Callable[[], Check]) -> Check:
+        return _skipped(name) if name in skip else _guarded(name, fn, manager)
+
     database = _guarded("database", lambda: _check_database(manager), manager)
     schema = _guarded("schema", lambda: _check_schema(manager), manager) if database.level == OK else \
         _not_checked("schema", "the database is unreachable")
-    provider_check = _guarded("provider", lambda: _check_provider(provider), manager)
-
-    checks = [database, schema, provider_check]
-    names = ("stuck_jobs", "queue_age", "queue_depth", "paused")
+    checks = [database, schema, run("provider", lambda: _check_provider(provider))]
     if schema.level != OK:
         why = "the database is unreachable" if database.level != OK else "the schema is missing or not current"
-        checks += [_not_checked(name, why) for name in (*names, "refund_audit")]
+        for name in (*_QUEUE_CHECKS, "refund_audit"):
+            checks.append(_skipped(name) if name in skip else _not_checked(name, why))
         return HealthReport(checks)
 
-    numbers_or_error = _guarded("queue", lambda: _queue_numbers(manager), manager)
-    if isinstance(numbers_or_error, Check):  # the queue query itself failed: every queue check says why
-        checks += [Check(name, CRITICAL, numbers_or_error.detail) for name in names]
-    else:
-        now, numbers = numbers_or_error
-        checks += [
-            _check_stuck(manager, now, numbers),
-            _check_queue_age(manager, now, numbers),
-            _check_queue_depth(manager, numbers),
-            _check_paused(numbers),
-        ]
-    checks.append(_guarded("refund_audit", lambda: _check_audit(manager), manager))
+    numbers: Any = None
+    if set(_QUEUE_CHECKS) - set(skip):  # one read serves all four
+        numbers = _guarded("queue", lambda: _queue_numbers(manager), manager)
+    for name, check_queue in _QUEUE_CHECKS.items():
+        if name in skip:
+            checks.append(_skipped(name))
+        elif isinstance(numbers, Check):  # the queue query failed: each of its checks says why
+            checks.append(Check(name, CRITICAL, numbers.detail))
+        else:
+            checks.append(_guarded(name, partial(check_queue, manager, *numbers), manager))
+    checks.append(run("refund_audit", lambda: _check_audit(manager)))
     return HealthReport(checks)
+
+
+def _skipped(name: str) -> Check:
+    return Check(name, OK, "skipped (--skip)", {"skipped": True})
 
 
 def _guarded(name: str, fn: Callable[[], Any], manager: QueueManager) -> Any:
@@ -285,7 +297,7 @@ def _check_queue_age(manager: QueueManager, now: datetime, numbers: QueueNumbers
     return Check("queue_age", OK, f"{waited} (warning at {format_duration(settings.queue_age_warning)})", data)
 
 
-def _check_queue_depth(manager: QueueManager, numbers: QueueNumbers) -> Check:
+def _check_queue_depth(manager: QueueManager, now: datetime, numbers: QueueNumbers) -> Check:
     settings = manager.settings
     data = {"depth": numbers.queued, "warning": settings.queue_depth_warning,
             "critical": settings.queue_depth_critical}
@@ -296,11 +308,19 @@ def _check_queue_depth(manager: QueueManager, numbers: QueueNumbers) -> Check:
     return Check("queue_depth", OK, f"{queued} (warning above {settings.queue_depth_warning})", data)
 
 
-def _check_paused(numbers: QueueNumbers) -> Check:
+def _check_paused(manager: QueueManager, now: datetime, numbers: QueueNumbers) -> Check:
     if numbers.paused:
         return Check("paused", WARNING, "the queue is paused: nothing is submitted (`aiqueue resume`)",
                      {"paused": True})
     return Check("paused", OK, "the queue is not paused", {"paused": False})
+
+
+_QUEUE_CHECKS: dict[str, Callable[[QueueManager, datetime, QueueNumbers], Check]] = {
+    "stuck_jobs": _check_stuck,
+    "queue_age": _check_queue_age,
+    "queue_depth": _check_queue_depth,
+    "paused": _check_paused,
+}
 
 
 def _check_audit(manager: QueueManager) -> Check:

@@ -137,6 +137,23 @@ def test_quiet_prints_only_a_report_that_is_not_ok(cli: Callable[..., Run]) -> N
     assert run.code == 1 and json.loads(run.stdout)["status"] == "warning"
 
 
+def test_skip_leaves_checks_out(cli: Callable[..., Run], db_url: str, fake_hub: Any) -> None:
+    cli("credits", "grant", "bob", "10")
+    sql(db_url, "UPDATE aiqueue_accounts SET balance = balance + 7 WHERE user_id = 'bob'")
+    cli("pause")
+    run = cli("doctor", "--skip", "refund_audit", "--skip", "paused", "--skip", "provider", "--json")
+    assert run.code == 0, run.stdout
+    payload = json.loads(run.stdout)
+    assert levels(payload) == ALL_OK
+    skipped = [c for c in payload["checks"] if c["data"] == {"skipped": True}]
+    assert [c["name"] for c in skipped] == ["provider", "paused", "refund_audit"]
+    assert all(c["detail"] == "skipped (--skip)" for c in skipped)
+    assert fake_hub.requests == []  # a skipped provider check sends nothing
+    for bad in ("database", "schema", "audit"):
+        refused = cli("doctor", "--skip", bad)
+        assert (refused.code, refused.stdout) == (2, "") and "--skip" in refused.stderr and bad in refused.stderr
+
+
 def test_without_an_api_key_the_provider_is_a_warning(cli: Callable[..., Run], monkeypatch: pytest.MonkeyPatch,
                                                      fake_hub: Any) -> None:
     monkeypatch.delenv("RUNNINGHUB_API_KEY")
