@@ -24,8 +24,9 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
-    text,
+    event,
 )
+from sqlalchemy.schema import DDL
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
@@ -78,20 +79,6 @@ class JobRow(SQLModel, table=True):
             name="ck_aiqueue_jobs_slot_held",
         ),
         CheckConstraint("slot IS NULL OR slot >= 1", name="ck_aiqueue_jobs_slot_positive"),
-        Index(
-            "ux_aiqueue_jobs_active_user",
-            "user_id",
-            unique=True,
-            sqlite_where=text(ACTIVE_SQL),
-            postgresql_where=text(ACTIVE_SQL),
-        ),
-        Index(
-            "ux_aiqueue_jobs_slot",
-            "slot",
-            unique=True,
-            sqlite_where=text("slot IS NOT NULL"),
-            postgresql_where=text("slot IS NOT NULL"),
-        ),
         # FIFO pick, positions and per-status counts.
         Index("ix_aiqueue_jobs_status_id", "status", "id"),
         Index("ix_aiqueue_jobs_user_id", "user_id", "id"),
@@ -99,13 +86,6 @@ class JobRow(SQLModel, table=True):
         # --since`; per-status counts of the jobs finished within a window (covering).
         Index("ix_aiqueue_jobs_tool_status_id", "tool", "status", "id"),
         Index("ix_aiqueue_jobs_created", "created_at"),
-        Index(
-            "ix_aiqueue_jobs_finished_status",
-            "finished_at",
-            "status",
-            sqlite_where=text("finished_at IS NOT NULL"),
-            postgresql_where=text("finished_at IS NOT NULL"),
-        ),
     )
 
     id: int | None = Field(default=None, sa_column=Column(ID, primary_key=True, autoincrement=True))
@@ -160,14 +140,6 @@ class LedgerRow(SQLModel, table=True):
         CheckConstraint(
             "(kind = 'grant') = (job_id IS NULL)", name="ck_aiqueue_ledger_job_for_charges"
         ),
-        Index(
-            "ux_aiqueue_ledger_job_kind",
-            "job_id",
-            "kind",
-            unique=True,
-            sqlite_where=text("job_id IS NOT NULL"),
-            postgresql_where=text("job_id IS NOT NULL"),
-        ),
         Index("ix_aiqueue_ledger_user", "user_id", "id"),
     )
 
@@ -184,15 +156,7 @@ class WebhookRow(SQLModel, table=True):
     """The webhook inbox: every well-formed body is stored first (deduplicated by its hash), so
     one that arrives before its task id is known is applied as soon as the job is."""
 
-    __tablename__ = "aiqueue_webhooks"
-    __table_args__ = (
-        Index(
-            "ix_aiqueue_webhooks_unapplied",
-            "task_id",
-            sqlite_where=text("applied_at IS NULL"),
-            postgresql_where=text("applied_at IS NULL"),
-        ),
-    )
+    __tablename__ = "aiqueue_webhooks"  # its partial index: PARTIAL_INDEXES below
 
     id: int | None = Field(default=None, sa_column=Column(ID, primary_key=True, autoincrement=True))
     task_id: str = _col(String(64), nullable=False)
@@ -222,3 +186,23 @@ ledger = LedgerRow.__table__  # type: ignore[attr-defined]
 queue_state = QueueStateRow.__table__  # type: ignore[attr-defined]
 webhooks = WebhookRow.__table__  # type: ignore[attr-defined]
 metadata = SQLModel.metadata
+
+# Partial indexes, written once as SQL that SQLite and PostgreSQL both accept, created right after
+# their table. Declared as Index(..., sqlite_where=..., postgresql_where=...) they would make
+# SQLAlchemy import its PostgreSQL dialect on every SQLite command (~15-20 ms of each start).
+PARTIAL_INDEXES: tuple[tuple[str, str, str, bool, str], ...] = (
+    # (table, index, columns, unique, predicate)
+    # one active job per user, over every active status
+    ("aiqueue_jobs", "ux_aiqueue_jobs_active_user", "user_id", True, ACTIVE_SQL),
+    # no two jobs hold the same slot: the global limit, structurally
+    ("aiqueue_jobs", "ux_aiqueue_jobs_slot", "slot", True, "slot IS NOT NULL"),
+    # per-status counts of the jobs finished within a window (covering)
+    ("aiqueue_jobs", "ix_aiqueue_jobs_finished_status", "finished_at, status", False, "finished_at IS NOT NULL"),
+    # one charge and at most one refund per job
+    ("aiqueue_ledger", "ux_aiqueue_ledger_job_kind", "job_id, kind", True, "job_id IS NOT NULL"),
+    # webhooks kept until their task's job is known
+    ("aiqueue_webhooks", "ix_aiqueue_webhooks_unapplied", "task_id", False, "applied_at IS NULL"),
+)
+for _table, _name, _columns, _unique, _where in PARTIAL_INDEXES:
+    _sql = f"CREATE {'UNIQUE ' if _unique else ''}INDEX {_name} ON {_table} ({_columns}) WHERE {_where}"
+    event.listen(metadata.tables[_table], "after_create", DDL(_sql))
