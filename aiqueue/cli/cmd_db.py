@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 
 @db_app.command("init")
 def db_init(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Create the newest schema on a database without one, stamped at the head version
-    (idempotent; an existing schema is left as it is: see `db current` and `db upgrade`).
+    """Create the newest schema on a new database, stamped at the head version (idempotent).
+
+    An existing schema is left as it is: see `db current` and `db upgrade`.
 
     Example: aiqueue --db sqlite:///aiqueue.db db init
     """
@@ -67,8 +68,9 @@ class Current:
 
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Apply the pending schema steps in order, each in its own transaction (idempotent; safe
-    when several run at once).
+    """Apply the pending schema steps in order, each in its own transaction.
+
+    Idempotent, and safe when several run at once (they are serialised by a lock).
 
     Example: aiqueue db upgrade --json
     """
