@@ -4,7 +4,8 @@ Marker: an HTML comment `<!-- test: run -->` on the line before a fenced block.
 - ```sh blocks: every line that is not empty or a comment is one command line.
 - ```console blocks: lines starting with `$ ` are command lines; the lines after one, up to the
   next `$ `, are its expected stdout: each must appear, in order, among the output lines (spaces
-  collapsed); a line `...` stands for any number of lines.
+  collapsed); a line `...` stands for any number of lines, and a line ending in `...` matches
+  any line that starts with the text before it (for paths, times and ids).
 - A command line ending in `# exit N` must exit N; every other one must exit 0.
 
 Marked blocks run in README order, one bash per line, in one temp directory that is also HOME (so
@@ -79,10 +80,14 @@ def output_problem(expected: list[str], stdout: str) -> str | None:
         if want.strip() == "...":
             continue
         squashed = _squash(want)
-        try:
-            position = actual.index(squashed, position) + 1
-        except ValueError:
+        if squashed.endswith("..."):
+            prefix = squashed[:-3].rstrip()
+            found = [i for i in range(position, len(actual)) if actual[i].startswith(prefix)]
+        else:
+            found = [i for i in range(position, len(actual)) if actual[i] == squashed]
+        if not found:
             return f"expected line not found (in order): {want!r}"
+        position = found[0] + 1
     return None
 
 
@@ -167,9 +172,10 @@ Some text.
 
 <!-- test: run -->
 ```console
-$ echo "one   two"; echo three
+$ echo "one   two"; echo three; echo /tmp/x/y
 one two
 ...
+/tmp/x...
 $ false  # exit 1
 $ printf 'a\\nb\\n'
 b
@@ -191,11 +197,13 @@ test "$GREETING" = hi
 
 def test_the_runner_checks_exit_codes_outputs_and_order(session: Session) -> None:
     commands = marked_commands(SAMPLE)
-    assert [c.line for c in commands] == ['echo "one   two"; echo three', "false  # exit 1", "printf 'a\\nb\\n'",
+    assert [c.line for c in commands] == ['echo "one   two"; echo three; echo /tmp/x/y', "false  # exit 1",
+                                          "printf 'a\\nb\\n'",
                                           "export GREETING=hi", 'test "$GREETING" = hi']
     assert [c.exit_code for c in commands] == [0, 1, 0, 0, 0]
     problems = run_all(commands, session)
     # Only the out-of-order output fails; the variable exported on one line is seen by the next.
     assert len(problems) == 1 and "expected line not found (in order): 'a'" in problems[0]
-    assert "README.md:10:" in problems[0]
+    assert "README.md:11:" in problems[0]
+    assert output_problem(["/tmp/z..."], "/tmp/x/y\n") is not None and output_problem(["x"], "") is not None
     assert run_all([Command("true # exit 3", 1)], session)[0].startswith("README.md:1: true # exit 3\n  exit 0")
