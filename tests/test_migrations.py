@@ -6,8 +6,12 @@ the catalogs); upgrades are idempotent, serialised across real processes, atomic
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -395,3 +399,18 @@ def test_writes_on_a_schema_behind_or_ahead_exit_8_and_change_nothing(
     assert run_cli("--db", db_url, "credits", "ledger", "--json").json() == ledger  # nothing was written
     assert upgrade(db_url) == list(range(1, migrations.HEAD + 1))  # adopted by step 1 onwards
     assert run_cli("--db", db_url, "credits", "grant", "alice", "5").code == 0  # adopted: writes again
+
+
+def test_two_cli_upgrades_at_once_share_the_steps(db_url: str, tmp_path: Path) -> None:
+    """The real entry point, twice at the same time on an empty database: both exit 0, each
+    step is applied by exactly one of them, and the database ends at head."""
+    _empty(db_url)
+    aiqueue = str(Path(sys.executable).parent / "aiqueue")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIQUEUE_")} | {"HOME": str(tmp_path)}
+    children = [subprocess.Popen([aiqueue, "--db", db_url, "db", "upgrade", "--json"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outputs = [child.communicate(timeout=120) for child in children]
+    assert [child.returncode for child in children] == [0, 0], outputs
+    applied = sorted(step["version"] for out, _err in outputs for step in json.loads(out)["applied"])
+    assert applied == list(range(1, migrations.HEAD + 1))
+    assert state(db_url) == (migrations.HEAD, migrations.HEAD, ())
