@@ -36,6 +36,8 @@ HOW TO ADD A STEP (e.g. a new index):
    PostgreSQL builds a plain index under a write lock on the table: fine at this tool's sizes.
 3. Run tests/test_migrations.py on both backends: it fails until the upgraded schema equals the
    fresh one. Never edit a step that has been released; add another.
+Nothing else to bump: HEAD and tables.SCHEMA_VERSION follow STEPS. Existing databases (a dev's
+file, production) then refuse writes with exit 8 until `aiqueue db upgrade` has run on them.
 """
 
 from __future__ import annotations
