@@ -285,3 +285,42 @@ def test_status_user_through_the_cli(cli: Any, fake_hub: Any) -> None:
     assert ghost.code == 4 and ghost.error()["code"] == "not_found" and "ghost" in ghost.error()["message"]
     plain = cli("status", "--user", "ghost")
     assert plain.code == 4 and plain.stderr.startswith("error: no user 'ghost'") and plain.stdout == ""
+
+
+# --- at scale: the reads behind status, status --user and jobs use indexes ---------------------------
+
+from tests.test_query_plans import NOW, bad_steps, captured, store  # noqa: E402, F401 - the generated database
+
+STATUS_READS: dict[str, Any] = {
+    "recent runs of a tool": lambda tx, last: tx.recent_durations("upscale_image", 20),
+    "recent runs of a tool that never ran": lambda tx, last: tx.recent_durations("never_ran", 20),
+    "recent runs of every tool": lambda tx, last: tx.recent_durations(None, 20),
+    "counts finished within a window": lambda tx, last: tx.finished_counts(NOW - timedelta(hours=1)),
+    "oldest queued": lambda tx, last: tx.oldest_queued_at(),
+    "a user's latest jobs": lambda tx, last: tx.jobs_of_user("user-0000007", 10),
+    "jobs by statuses": lambda tx, last: list(tx.list_jobs([Status.FAILED, Status.CANCELLED], limit=50)),
+    "jobs of a tool": lambda tx, last: list(tx.list_jobs(tool="upscale_image", limit=50)),
+    "jobs of a rare tool": lambda tx, last: list(tx.list_jobs(tool="never_ran", limit=50)),
+    "queued jobs with positions": lambda tx, last: list(tx.list_jobs([Status.QUEUED], limit=50)),
+    "jobs since": lambda tx, last: list(tx.list_jobs(since=NOW - timedelta(hours=1), limit=50)),
+    "failed jobs since": lambda tx, last: list(tx.list_jobs([Status.FAILED], since=NOW - timedelta(hours=1), limit=50)),
+    "jobs of a user": lambda tx, last: list(tx.list_jobs(user="user-0000007", limit=50)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATUS_READS))
+def test_status_reads_use_indexes(store: Any, name: str) -> None:  # noqa: F811 - the fixture
+    statements = captured(store, STATUS_READS[name])
+    assert statements, name
+    for statement, parameters in statements:
+        bad, plan = bad_steps(store, statement, parameters)
+        assert bad == [], f"{name}: {bad}\n{statement}\n{plan}"
+
+
+def test_window_counts_read_only_the_window(store: Any) -> None:  # noqa: F811 - the fixture
+    """Counting a window walks that slice of (finished_at, status), not the whole table grouped
+    by status (SQLite's own choice unless told otherwise)."""
+    statements = captured(store, STATUS_READS["counts finished within a window"])
+    for statement, parameters in statements:
+        _, plan = bad_steps(store, statement, parameters)
+        assert "ix_aiqueue_jobs_finished_status" in plan, plan

@@ -13,7 +13,6 @@ import typer
 from aiqueue.cli import params, render
 from aiqueue.cli.common import (
     JsonOpt,
-    LimitOpt,
     OptionalJobIdArg,
     app,
     manager_of,
@@ -29,6 +28,12 @@ if TYPE_CHECKING:
 STATUS_ROWS = 50  # queued jobs shown (and estimated) by default; --limit changes it
 JOBS_ROWS = 50  # `jobs` rows by default (--jsonl streams everything unless --limit is given)
 
+StatusLimitOpt = Annotated[int | None, typer.Option(
+    "--limit", metavar="N", min=1, max=1_000_000, show_default=False,
+    help=f"Queued jobs shown, with positions and estimates (default {STATUS_ROWS}); the total is always exact.")]
+JobsLimitOpt = Annotated[int | None, typer.Option(
+    "--limit", metavar="N", min=1, max=1_000_000, show_default=False,
+    help=f"At most N jobs, the newest (default {JOBS_ROWS}; with --jsonl every match).")]
 UnmatchedOpt = Annotated[bool, typer.Option(
     "--unmatched", help="List kept webhooks whose task no job has (yet).")]
 StatusUserOpt = Annotated[str | None, typer.Option(
@@ -59,7 +64,7 @@ JsonlOpt = Annotated[bool, typer.Option(
 
 @app.command()
 def status(
-    ctx: typer.Context, job_id: OptionalJobIdArg = None, limit: LimitOpt = None,
+    ctx: typer.Context, job_id: OptionalJobIdArg = None, limit: StatusLimitOpt = None,
     user: StatusUserOpt = None, window: WindowOpt = "24h", watch: WatchOpt = False,
     interval: IntervalOpt = 2.0, unmatched: UnmatchedOpt = False, as_json: JsonOpt = False,
 ) -> None:
@@ -105,12 +110,11 @@ def status(
 @app.command()
 def jobs(
     ctx: typer.Context, statuses: StatusFilterOpt = None, user: JobsUserOpt = None, tool: JobsToolOpt = None,
-    since: SinceOpt = None, limit: LimitOpt = None, as_json: JsonOpt = False, jsonl: JsonlOpt = False,
+    since: SinceOpt = None, limit: JobsLimitOpt = None, as_json: JsonOpt = False, jsonl: JsonlOpt = False,
 ) -> None:
     """List jobs, newest first, filtered by status, user, tool and creation time.
 
-    Example: aiqueue jobs --status failed,cancelled --since 24h; aiqueue jobs --user alice --json;
-    aiqueue jobs --jsonl > all-jobs.jsonl
+    Example: aiqueue jobs --status failed,cancelled --since 24h; aiqueue jobs --jsonl > jobs.jsonl
     """
     as_json = as_json or options_of(ctx).json
     if as_json and jsonl:

@@ -6,8 +6,9 @@ Each one is bounded and index-backed, so it costs the same with a million finish
 - the oldest queued job: (status, id), LIMIT 1;
 - a user's jobs: (user_id, id), newest first, LIMIT n;
 - `jobs` listings: one branch per status, each newest first with LIMIT n over its own index,
-  merged (no branch ever sorts a whole status); positions of queued rows are counted over the
-  gaps between them, not once per row from the head of the queue.
+  merged (no branch ever sorts a whole status); `--since` first finds the first id created since
+  then over (created_at) and bounds every walk with it; positions of queued rows are counted
+  over the gaps between them, not once per row from the head of the queue.
 """
 
 from __future__ import annotations
@@ -81,6 +82,16 @@ class ReadQueries:
         carry their FIFO position."""
         from aiqueue.store import _job
 
+        first_id = None
+        if since is not None:
+            # The first id created since then bounds every walk below (exactly: a row created
+            # since then has an id >= it), so none walks back past the window over (created_at).
+            # min(id + 0): over the created_at range, not a walk of the whole primary key (SQLite
+            # would otherwise scan ids upward until one is recent enough).
+            first_id = self.conn.execute(select(func.min(jobs.c.id + 0)).where(jobs.c.created_at >= since)).scalar()
+            if first_id is None:
+                return
+
         def branch(status: Status | None) -> Select[Any]:
             query = select(jobs)
             if status is not None:
@@ -90,7 +101,7 @@ class ReadQueries:
             if tool is not None:
                 query = query.where(jobs.c.tool == tool)
             if since is not None:
-                query = query.where(jobs.c.created_at >= since)
+                query = query.where(jobs.c.id >= first_id, jobs.c.created_at >= since)
             query = query.order_by(jobs.c.id.desc())
             return query if limit is None else query.limit(limit)
 
