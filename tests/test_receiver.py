@@ -239,10 +239,12 @@ def test_oversized_bodies_are_413_and_refused_before_reading(rig: Rig) -> None:
     status, _ = raw_request(rig, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
                             % (MAX_BODY_BYTES + 1))
     assert status == 413 and time.monotonic() - started < 4
-    # A real client sending the whole body reads the 413 (not a connection reset).
-    big = b'{"event": "TASK_END", "pad": "' + b"x" * MAX_BODY_BYTES + b'"}'
-    answer = rig.post(big)
-    assert answer.status_code == 413
+    # A client that sends the whole body before reading gets to read the 413 (the server drains
+    # the rest, bounded, instead of closing on unread data, which resets the connection).
+    big = b"x" * (3 * MAX_BODY_BYTES)  # more than the socket buffers hold
+    head = b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(big)
+    assert raw_request(rig, head, big)[0] == 413
+    assert rig.post(big).status_code == 413
     # Chunked: refused as soon as the running total passes the cap.
     def chunks() -> Iterator[bytes]:
         for _ in range(MAX_BODY_BYTES // 65536 + 2):
@@ -498,3 +500,25 @@ def test_webhook_serve_help_has_an_example() -> None:
 
     result = run_cli("webhook", "serve", "--help")
     assert result.code == 0 and "Example: " in result.stdout and "--json" in result.stdout
+
+
+def test_the_provider_client_masks_the_token_an_answer_echoes(tmp_path: Path) -> None:
+    from aiqueue.cli.wiring import LazyRunningHub
+
+    def echo(request: httpx.Request) -> httpx.Response:  # an error answer quoting our request
+        sent = json.loads(request.content)
+        return httpx.Response(200, json={"code": 803, "msg": f"bad webhookUrl {sent['webhookUrl']}", "data": None})
+
+    url = f"https://queue.example.org/runninghub/webhook/{TOKEN}?job=3"
+    with httpx.Client(transport=httpx.MockTransport(echo)) as http:
+        client = RunningHubClient("https://rh.example", API_KEY, http=http, secrets=[TOKEN])
+        outcome = client.submit("1990000000000000001", [], url)
+    assert outcome.kind == "rejected" and "bad webhookUrl" in outcome.message
+    assert TOKEN not in outcome.message and "/runninghub/webhook/***?job=3" in outcome.message
+    # The CLI's wiring hands the configured token to the client it builds.
+    config = write_webhook_config(tmp_path / "c.toml", "https://rh.example", token=TOKEN)
+    lazy = LazyRunningHub(load_settings(config, env={"RUNNINGHUB_API_KEY": API_KEY}))
+    try:
+        assert lazy().redact(f"<{TOKEN}>") == "<***>"
+    finally:
+        lazy.close()
