@@ -236,11 +236,19 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "aiqueue-webhook"
     sys_version = ""
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.1"  # a broken request line still gets a status line back
     timeout = READ_TIMEOUT
 
     def setup(self) -> None:
         self.timeout = self.server.receiver.read_timeout  # StreamRequestHandler sets it on the socket
+        self._expects_continue = False
         super().setup()
+
+    def handle_expect_100(self) -> bool:
+        # http.server would say "100 Continue" before we look at the token and the length: say it
+        # only once both are accepted (in _read_body), so a refused client never sends its body.
+        self._expects_continue = True
+        return True
 
     def do_POST(self) -> None:
         started = time.monotonic()
@@ -298,6 +306,7 @@ class _Handler(BaseHTTPRequestHandler):
             codings = [c.strip().lower() for c in ",".join(encodings).split(",") if c.strip()]
             if codings != ["chunked"]:
                 raise _Refuse(400, "unsupported Transfer-Encoding (only chunked)")
+            self._continue()
             return self._read_chunked()
         if not lengths:
             raise _Refuse(411, "Content-Length required")
@@ -308,10 +317,17 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(text)
         if length > MAX_BODY_BYTES:
             raise _Refuse(413, f"body above {MAX_BODY_BYTES} bytes")
+        self._continue()
         body = self.rfile.read(length)
         if len(body) != length:
             raise _Refuse(400, "body shorter than Content-Length")
         return body
+
+    def _continue(self) -> None:
+        if self._expects_continue:
+            self._expects_continue = False
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.wfile.flush()
 
     def _read_chunked(self) -> bytes:
         body = bytearray()

@@ -292,6 +292,34 @@ def test_a_client_too_slow_to_send_its_body_gets_408_and_frees_the_thread(
         rig.close()
 
 
+def test_expect_100_continue_comes_only_after_the_token_and_the_length_pass(rig: Rig) -> None:
+    job = rig.running_job()
+    body = rig.body(job, success=True)
+    with socket.create_connection((rig.receiver.host, rig.receiver.port), timeout=5) as sock:
+        sock.sendall(b"POST " + rig.url(job.id).encode() + b" HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert rig.manager.job_detail(job.id).job.status is Status.COMPLETED
+    refused = [(rig.url(token="no" * 20), b"%d" % len(body), 404), (rig.url(), b"%d" % (MAX_BODY_BYTES + 1), 413)]
+    for path, length, expected in refused:
+        status, answer = raw_request(rig, b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                                     b"Expect: 100-continue\r\nContent-Length: " + length + b"\r\n\r\n")
+        assert status == expected and b"100 Continue" not in answer
+
+
+def test_unreadable_requests_never_echo_the_token(rig: Rig) -> None:
+    for request in (b"POST /runninghub/webhook/%s HTTP/9.9\r\n\r\n", b"POST /runninghub/webhook/%s x y\r\n\r\n",
+                    b"POST /runninghub/webhook/%s HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n"):
+        status, answer = raw_request(rig, request % TOKEN.encode())
+        assert status in (400, 431, 505) and TOKEN.encode() not in answer
+    assert len(rig.lines) == 3  # one line each, checked for the token by the fixture
+
+
 def test_database_errors_are_503_so_the_provider_retries(rig: Rig) -> None:
     job = rig.running_job()
     body = rig.body(job, success=False)

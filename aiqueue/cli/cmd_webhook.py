@@ -83,6 +83,10 @@ def serve(
         info = Listening(url=receiver.base_url, host=receiver.host, port=receiver.port,
                          path=f"{prefix}{WEBHOOK_ROUTE}***", public_url=settings.webhook_public_url)
         render.show(as_json or options_of(ctx).json, info, render_listening)
+        if not settings.webhook_public_url:
+            render.note("warning: webhook.public_url is not set: submits do not send this receiver's URL")
+        if not settings.api_key:
+            render.note("warning: no RunningHub API key: webhooks are applied, freed slots are not filled here")
         while not stop.wait(0.5):
             pass
     finally:
