@@ -320,6 +320,45 @@ def test_unreadable_requests_never_echo_the_token(rig: Rig) -> None:
     assert len(rig.lines) == 3  # one line each, checked for the token by the fixture
 
 
+def test_connections_beyond_the_cap_get_503_at_once(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    import aiqueue.receiver
+
+    monkeypatch.setattr(aiqueue.receiver, "MAX_CONNECTIONS", 2)
+    held = [socket.create_connection((rig.receiver.host, rig.receiver.port), timeout=5) for _ in range(2)]
+    try:
+        for sock in held:  # each holds a handler thread, waiting for the rest of its headers
+            sock.sendall(b"POST " + rig.url().encode() + b" HTTP/1.1\r\n")
+        time.sleep(0.3)
+        started = time.monotonic()
+        status, answer = raw_request(rig, b"POST " + rig.url().encode() + b" HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        assert status == 503 and b"Retry-After" in answer and time.monotonic() - started < 2
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: rig.post(b"{}").status_code == 400)  # the slots come back
+    assert any("too many connections" in line for line in rig.lines)
+
+
+def test_shutdown_lets_the_request_in_flight_finish(rig: Rig) -> None:
+    job = rig.running_job()
+    body = rig.body(job, success=False)
+    with socket.create_connection((rig.receiver.host, rig.receiver.port), timeout=10) as sock:
+        sock.sendall(b"POST " + rig.url(job.id).encode() + b" HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body)
+                     + body[:10])
+        time.sleep(0.3)  # the handler is reading the body
+        stopper = threading.Thread(target=rig.receiver.shutdown)
+        stopper.start()
+        time.sleep(0.3)
+        assert stopper.is_alive()  # waits for the request in flight
+        sock.sendall(body[10:])
+        answer = sock.recv(65536)
+        stopper.join(timeout=10)
+    assert answer.startswith(b"HTTP/1.1 200 ") and not stopper.is_alive()
+    assert rig.manager.job_detail(job.id).job.status is Status.FAILED and refunds(rig.manager, job.id) == 1
+    with pytest.raises(httpx.ConnectError):
+        rig.post(body)
+
+
 def test_database_errors_are_503_so_the_provider_retries(rig: Rig) -> None:
     job = rig.running_job()
     body = rig.body(job, success=False)
