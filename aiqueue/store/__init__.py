@@ -256,7 +256,9 @@ class Tx(ReadQueries):
         return [_job(r) for r in rows]
 
     def queued(self, limit: int | None = None) -> list[Job]:
-        query = select(jobs).where(jobs.c.status == "queued").order_by(jobs.c.id)
+        # A one-value range, not an equality: see store.reads._pinned (PostgreSQL would walk the
+        # primary key past every finished job to reach the queue).
+        query = select(jobs).where(jobs.c.status.between("queued", "queued")).order_by(jobs.c.status, jobs.c.id)
         if limit is not None:
             query = query.limit(limit)
         return [_with_position(_job(r), i) for i, r in enumerate(self.conn.execute(query), start=1)]
