@@ -52,10 +52,11 @@ def serve(
 ) -> None:
     """Receive RunningHub's webhooks over HTTP and apply them as `finish --webhook` does.
 
-    Needs webhook.token (or AIQUEUE_WEBHOOK_TOKEN). RunningHub posts to
-    {webhook.public_url}/runninghub/webhook/{token}?job=ID, which each submit sends when
-    webhook.public_url is set. Logs one line per request on stderr; SIGTERM or Ctrl-C stops it
-    cleanly (exit 0).
+    Needs webhook.token (or AIQUEUE_WEBHOOK_TOKEN) and, for submits to send its URL, webhook.public_url.
+
+    RunningHub then posts to {public_url}/runninghub/webhook/{token}?job=ID.
+
+    One log line per request on stderr; SIGTERM or Ctrl-C stops it cleanly (exit 0).
 
     Example: AIQUEUE_WEBHOOK_TOKEN=... aiqueue webhook serve --host 127.0.0.1 --port 8787
     """
