@@ -324,3 +324,21 @@ def test_window_counts_read_only_the_window(store: Any) -> None:  # noqa: F811 -
     for statement, parameters in statements:
         _, plan = bad_steps(store, statement, parameters)
         assert "ix_aiqueue_jobs_finished_status" in plan, plan
+
+
+ORDERED_BY_THEIR_INDEX = ("recent runs of a tool", "recent runs of a tool that never ran", "recent runs of every tool",
+                          "oldest queued", "a user's latest jobs", "jobs by statuses", "jobs of a tool",
+                          "queued jobs with positions", "jobs of a user")
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_filtered_newest_first_reads_never_walk_the_primary_key(store: Any) -> None:  # noqa: F811
+    """With statistics, PostgreSQL may answer `status = 'queued' ORDER BY id LIMIT n` by walking
+    the primary key and filtering (cheap on paper, 200 ms past a million finished jobs): these
+    reads must walk the index that leads with their filter."""
+    for name in ORDERED_BY_THEIR_INDEX:
+        for statement, parameters in captured(store, STATUS_READS[name]):
+            if "count(" in statement:
+                continue  # positions: counts over a range, no order
+            _, plan = bad_steps(store, statement, parameters)
+            assert "aiqueue_jobs_pkey" not in plan, f"{name}\n{statement}\n{plan}"
