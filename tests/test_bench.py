@@ -48,6 +48,7 @@ def test_bench_json_and_cleanup(backend: str, db_url: str, tmp_path: Path) -> No
     for side in ("manager", "raw_sql"):
         _check_side(data[side], 12)
     assert data["manager"]["failed"] > 0  # the refund path ran (seeded: 12 jobs at 50%)
+    assert data["manager"]["provider_ms_per_job"] > 0 and data["raw_sql"]["provider_ms_per_job"] == 0
     assert data["ratio"] == pytest.approx(
         data["manager"]["jobs_per_second"] / data["raw_sql"]["jobs_per_second"], rel=0.01)
     assert data["cleaned_up"] is True

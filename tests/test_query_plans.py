@@ -17,6 +17,9 @@ from aiqueue.store import Store, Tx
 from aiqueue.store.bulk import generate, last_queued_id
 
 BIG_TABLES = ("aiqueue_jobs", "aiqueue_ledger", "aiqueue_job_events", "aiqueue_accounts", "aiqueue_webhooks")
+# Partial indexes that only ever hold a handful of rows (the jobs holding slots): walking one whole
+# is bounded by the global limit, not by the size of the database.
+BOUNDED_INDEXES = ("ux_aiqueue_jobs_slot",)
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
 
 
@@ -80,8 +83,16 @@ def bad_steps(store: Store, statement: str, parameters: Any) -> tuple[list[str],
             bad: list[str] = []
 
             def walk(node: dict[str, Any]) -> None:
-                if node.get("Node Type") == "Seq Scan" and node.get("Relation Name") in BIG_TABLES:
+                big = node.get("Relation Name") in BIG_TABLES
+                if node.get("Node Type") == "Seq Scan" and big:
                     bad.append(f"Seq Scan on {node['Relation Name']}")
+                # An index walked from one end while filtering (the primary key in id order past
+                # every finished job, say) is a full scan too.
+                if (big and node.get("Node Type") in ("Index Scan", "Index Only Scan")
+                        and "Index Cond" not in node and "Filter" in node
+                        and node.get("Index Name") not in BOUNDED_INDEXES):
+                    bad.append(f"{node['Node Type']} on {node['Index Name']} without a condition,"
+                               f" filtering {node['Filter']}")
                 for child in node.get("Plans", []):
                     walk(child)
 
@@ -116,4 +127,19 @@ def test_fifo_pick_does_not_sort_the_queue(store: Store) -> None:
 def test_the_check_catches_a_full_scan(store: Store) -> None:
     """The detector itself: a query on an unindexed column is reported."""
     bad, plan = bad_steps(store, "SELECT id FROM aiqueue_jobs WHERE error = 'x'", None)
+    assert bad, plan
+
+
+def test_the_check_catches_the_pitfalls_found(store: Store) -> None:
+    """The two plans this test found in the product must be seen for what they are.
+    PostgreSQL (with statistics): the FIFO pick as first written, `status = 'queued' ORDER BY id
+    LIMIT 1`, walks the primary key past every finished job (228 ms at a million jobs).
+    SQLite (no statistics): the finished-in-window count grouped by status walks the whole
+    (status, id) index instead of range-scanning (finished_at, status) (456 ms)."""
+    if store.dialect == "postgresql":
+        statement = "SELECT * FROM aiqueue_jobs WHERE status = 'queued' ORDER BY id LIMIT 1"
+    else:
+        statement = ("SELECT status, count(*) FROM aiqueue_jobs WHERE finished_at >= '2026-11-30'"
+                     " GROUP BY status")
+    bad, plan = bad_steps(store, statement, None)
     assert bad, plan

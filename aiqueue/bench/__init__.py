@@ -66,11 +66,13 @@ class SideResult:
     jobs_per_second: float
     operations: dict[str, OpStats]
     left_active: int  # jobs not finished at the end (0 unless something is wrong)
+    provider_ms_per_job: float = 0.0  # time inside the provider's submit, per job (manager side)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "finished": self.finished, "failed": self.failed, "seconds": round(self.seconds, 3),
             "jobs_per_second": round(self.jobs_per_second, 1), "left_active": self.left_active,
+            "provider_ms_per_job": round(self.provider_ms_per_job, 3),
             "operations": {op: s.to_dict() for op, s in self.operations.items()},
         }
 
@@ -275,6 +277,7 @@ def _run_side(
         side=side, finished=finished, failed=sum(r["failed"] for r in reports), seconds=seconds,
         jobs_per_second=finished / seconds if seconds > 0 else 0.0,
         operations={op: OpStats.of(latency[op]) for op in OPERATIONS}, left_active=left,
+        provider_ms_per_job=sum(r.get("provider_seconds", 0.0) for r in reports) * 1000 / max(finished, 1),
     )
 
 

@@ -108,7 +108,8 @@ def _render_bench(console: Console, result: BenchResult) -> None:
         table.add_row(label, f"{side.jobs_per_second:,.0f}", f"{side.seconds:.2f}",
                       *(f"{o.p50_ms:.2f} / {o.p95_ms:.2f} / {o.p99_ms:.2f}" for o in ops))
     console.print(table)
-    console.print(f"QueueManager / raw SQL = {result.ratio:.2f}")
+    console.print(f"QueueManager / raw SQL = {result.ratio:.2f}; the manager spent "
+                  f"{result.manager.provider_ms_per_job:.2f} ms per job inside the provider's submit (HTTP)")
     if result.manager.left_active or result.raw_sql.left_active:
         render.note(f"warning: jobs left active: manager {result.manager.left_active}, "
                     f"raw SQL {result.raw_sql.left_active}")

@@ -244,7 +244,11 @@ class Tx(ReadQueries):
         return list(self.conn.execute(select(jobs.c.slot).where(jobs.c.slot.is_not(None))).scalars())
 
     def oldest_queued(self) -> Job | None:
-        query = select(jobs).where(jobs.c.status == "queued").order_by(jobs.c.id).limit(1)
+        # A one-value range ordered by (status, id), not `status = 'queued' ORDER BY id`: with
+        # statistics, PostgreSQL walks the primary key past every finished job to the queue's
+        # head (228 ms at a million jobs); this order only the (status, id) index gives.
+        query = (select(jobs).where(jobs.c.status.between("queued", "queued"))
+                 .order_by(jobs.c.status, jobs.c.id).limit(1))
         if self.dialect == "postgresql":
             # NO KEY UPDATE: do not skip a row only because a foreign-key check share-locks it.
             query = query.with_for_update(skip_locked=True, key_share=True)
