@@ -406,7 +406,7 @@ def _identifiers(tree: ast.Module) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Name):
             names.add(node.id)
-        elif isinstance(node, ast.Attribute):
+        elif isinstance(node, ast.Attribute) and node.attr != "kill":  # Popen.kill, os.kill: process control
             names.add(node.attr)
         elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             names.add(node.name)
