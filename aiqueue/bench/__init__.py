@@ -241,14 +241,14 @@ def _run_side(
         while len(reports) < workers:
             try:
                 reports.append(queue.get(timeout=0.1))
-            except Exception:  # noqa: BLE001 - queue.Empty: time to update the progress bar
+            except Exception:
                 if not any(p.is_alive() for p in procs) and queue.empty():
                     break
             if reports and "error" in reports[-1]:
                 break
             if progress is not None:
                 progress(side, int(done.value), jobs)
-    except Exception as exc:  # noqa: BLE001 - a broken barrier: a worker died in its set-up
+    except Exception as exc:  # a broken barrier: a worker died in its set-up
         while not queue.empty():
             reports.append(queue.get())
         if not any("error" in r for r in reports):

@@ -69,21 +69,19 @@ class ScaleResult:
 def run_scale(url: str, *, finished: int = 1_000_000, queued: int = 100_000, repeat: int = 15,
               progress: Progress | None = None) -> ScaleResult:
     """Time the commands on a nearly empty and on a big database (both fresh, both removed)."""
-    timings: dict[str, dict[str, float]] = {}
-    with _sandbox(url, "scale-empty", False) as (empty_url, _):
+    # Both databases exist before anything is timed, and the two are timed in alternate rounds:
+    # this machine drifts by 15-25% within minutes, so only figures taken side by side compare.
+    with _sandbox(url, "scale-empty", False) as (empty_url, _), \
+            _sandbox(url, "scale-big", False) as (big_url, _):
         _fill(empty_url, *EMPTY)
-        timings["empty"] = _time_ops(empty_url, repeat)
-        if progress is not None:
-            progress("empty", 1, 1)
-    with _sandbox(url, "scale-big", False) as (big_url, _):
         generated = _fill(big_url, finished, queued)
         if progress is not None:
             progress("generate", 1, 1)
-        timings["big"] = _time_ops(big_url, repeat)
+        timings = _time_ops({"empty": empty_url, "big": big_url}, repeat)
         audit = _audit_in_child(big_url, generated["rows"])
         if progress is not None:
-            progress("big", 1, 1)
-    ops = [OpScale(name, timings["empty"][name], timings["big"][name]) for name in timings["empty"]]
+            progress("measure", 1, 1)
+    ops = [OpScale(name, timings["empty"][name], timings["big"][name]) for name in OPS]
     return ScaleResult(backend="postgresql" if url.startswith("postgresql") else "sqlite",
                        big_jobs=finished + queued, generate_seconds=generated["seconds"], operations=ops, audit=audit)
 
@@ -117,43 +115,51 @@ def _manager(url: str, limit: int = 1) -> tuple[Any, Any]:
     return manager, hub
 
 
-def _time_ops(url: str, repeat: int) -> dict[str, float]:
+OPS = ("status", "status JOB_ID", "enqueue", "process-next", "finish", "cleanup")
+
+
+def _time_ops(urls: dict[str, str], repeat: int) -> dict[str, dict[str, float]]:
     from datetime import timedelta
 
-    manager, hub = _manager(url)
-    samples: dict[str, list[float]] = {op: [] for op in
-                                       ("status", "status JOB_ID", "enqueue", "process-next", "finish", "cleanup")}
-    store = manager.store
+    from aiqueue.store.bulk import last_queued_id
 
-    def timed(op: str, fn: Any) -> Any:
-        started = time.perf_counter()
-        value = fn()
-        samples[op].append((time.perf_counter() - started) * 1000)
-        return value
+    built = {name: _manager(url) for name, url in urls.items()}
+    samples = {name: {op: [] for op in OPS} for name in urls}  # type: dict[str, dict[str, list[float]]]
+
+    def round_of(name: str, i: int) -> None:
+        manager, hub = built[name]
+        store, deepest = manager.store, last_queued_id(manager.store)
+
+        def timed(op: str, fn: Any) -> Any:
+            started = time.perf_counter()
+            value = fn()
+            samples[name][op].append((time.perf_counter() - started) * 1000)
+            return value
+
+        timed("status", lambda: manager.status(limit=20))
+        timed("status JOB_ID", lambda: manager.job_detail(deepest))
+        user = f"scale-new-{i:04d}"
+        manager.grant(user, 100)
+        timed("enqueue", lambda: manager.enqueue(user, TOOL, {"image": "api/x.png"}, start=False))
+        store.run(lambda tx: tx.set_paused(False))
+        started = timed("process-next", manager.process_next).started
+        store.run(lambda tx: tx.set_paused(True))  # the finish below must not refill (limit 1)
+        for job in started:
+            body = hub.finish_task(job.provider_task_id, success=i % 2 == 0, deliver=False)
+            timed("finish", lambda body=body: manager.finish_webhook(body))
+        timed("cleanup", lambda: manager.cleanup(older_than=timedelta(minutes=10)))
+        store.run(lambda tx: tx.set_paused(False))
 
     try:
-        from aiqueue.store.bulk import last_queued_id
-
-        deepest = last_queued_id(store)
         for i in range(repeat + 1):
-            timed("status", lambda: manager.status(limit=20))
-            timed("status JOB_ID", lambda: manager.job_detail(deepest))
-            user = f"scale-new-{i:04d}"
-            manager.grant(user, 100)
-            timed("enqueue", lambda: manager.enqueue(user, TOOL, {"image": "api/x.png"}, start=False))
-            store.run(lambda tx: tx.set_paused(False))
-            started = timed("process-next", manager.process_next).started
-            store.run(lambda tx: tx.set_paused(True))
-            for job in started:
-                body = hub.finish_task(job.provider_task_id, success=i % 2 == 0, deliver=False)
-                timed("finish", lambda body=body: manager.finish_webhook(body))
-            timed("cleanup", lambda: manager.cleanup(older_than=timedelta(minutes=10)))
-        store.run(lambda tx: tx.set_paused(False))
+            for name in urls:
+                round_of(name, i)
     finally:
-        manager.store.dispose()
-        hub.stop()
-    # The first round warms prepared statements and caches: leave it out.
-    return {op: statistics.median(values[1:] or values) for op, values in samples.items()}
+        for manager, hub in built.values():
+            manager.store.dispose()
+            hub.stop()
+    # The first round warms connections, prepared statements and caches: left out.
+    return {name: {op: statistics.median(v[1:] or v) for op, v in ops.items()} for name, ops in samples.items()}
 
 
 def _audit_child(url: str, idle: bool, out: Any) -> None:

@@ -36,7 +36,7 @@ def run_worker(side: str, plan: dict[str, Any], barrier: Any, done: Any, results
         finally:
             worker.close()
         results.put(report)
-    except BaseException:  # noqa: BLE001 - the parent reports it; a worker must not hang it
+    except BaseException:
         results.put({"error": traceback.format_exc(), "worker": plan["worker"]})
 
 
