@@ -73,13 +73,13 @@ def user_status(store: Store, limit_slots: int, clock: Clock, user: str) -> User
         if active is not None and active.status is Status.QUEUED:
             position = tx.position(active.id)
             active = _placed(active, position)
-            ahead = tx.queued(min(position - 1, AHEAD_LOADED)) if position > 1 else []
+            ahead = tx.queued_tools(min(position - 1, AHEAD_LOADED)) if position > 1 else []
             holding = tx.holding_slots()
-            durations = durations_for(tx, [active.tool] + [j.tool for j in holding + ahead])
+            durations = durations_for(tx, [active.tool] + [j.tool for j in holding] + ahead)
             if not paused:
                 simulation = Simulation(now, limit_slots, [(j.started_at, j.tool) for j in holding], durations)
-                for job in ahead:
-                    simulation.next_start(job.tool)
+                for tool in ahead:
+                    simulation.next_start(tool)
                 skipped = position - 1 - len(ahead)
                 simulation.skip(skipped)
                 start, approximate = simulation.next_start(active.tool), skipped > 0

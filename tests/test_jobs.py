@@ -145,3 +145,21 @@ def test_a_big_listing_streams_in_bounded_memory(make_manager: Any) -> None:
         tracemalloc.stop()
     assert seen == len(held) == total and held[0].status is Status.COMPLETED
     assert streamed_peak * 4 < listed_peak, (streamed_peak, listed_peak)
+
+
+def test_positions_are_exact_across_chunks_and_filters(make_manager: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiqueue.store import reads
+
+    monkeypatch.setattr(reads, "POSITION_CHUNK", 2)  # number a few rows per query, as a big stream does
+    manager = make_manager()
+    for i in range(9):
+        manager.grant(f"p{i}", 100)
+        tool, inputs = ("upscale_video", VID) if i % 3 == 0 else ("upscale_image", IMG)
+        manager.enqueue(f"p{i}", tool, inputs, start=False)
+    manager.cancel(manager.jobs(user="p4")[0].id)  # a hole in the queue
+    truth = {job.id: job.position for job in manager.status().queued}
+    assert sorted(truth.values()) == list(range(1, 9))
+    for listing in (manager.jobs(limit=None, stream=True), manager.jobs(tool="upscale_video", stream=True),
+                    manager.jobs(["queued"], limit=5), manager.jobs(tool="upscale_image", limit=None)):
+        shown = [(job.id, job.position) for job in listing if job.status is Status.QUEUED]
+        assert shown and all(truth[i] == position for i, position in shown), shown
