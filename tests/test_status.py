@@ -18,6 +18,7 @@ from aiqueue.domain import Status
 from aiqueue.eta import Durations, Simulation, estimate_starts
 from tests.cli_helpers import Run, run_cli
 from tests.conftest import API_KEY
+from tests.test_query_plans import NOW, bad_steps, captured, store  # noqa: F401 - store: the generated database
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 IMG = {"image": "api/in.png"}
@@ -288,8 +289,6 @@ def test_status_user_through_the_cli(cli: Any, fake_hub: Any) -> None:
 
 
 # --- at scale: the reads behind status, status --user and jobs use indexes ---------------------------
-
-from tests.test_query_plans import NOW, bad_steps, captured, store  # noqa: E402, F401 - the generated database
 
 STATUS_READS: dict[str, Any] = {
     "recent runs of a tool": lambda tx, last: tx.recent_durations("upscale_image", 20),
