@@ -40,11 +40,11 @@ class ReadQueries:
         if tool is not None:
             # SQLite seeks (tool, status) and reads it in id order only on equalities; given the
             # range it sorts every completed job instead (1.1 s at a million jobs).
-            first = jobs.c.tool == tool if self.dialect == "sqlite" else _pinned(jobs.c.tool, tool)
+            first = jobs.c.tool == tool if self.dialect == "sqlite" else self._pinned(jobs.c.tool, tool)
             query = query.where(first, jobs.c.status == Status.COMPLETED.value)
             query = query.order_by(jobs.c.tool.desc(), jobs.c.status.desc(), jobs.c.id.desc())
         else:
-            query = query.where(_pinned(jobs.c.status, Status.COMPLETED.value))
+            query = query.where(self._pinned(jobs.c.status, Status.COMPLETED.value))
             query = query.order_by(jobs.c.status.desc(), jobs.c.id.desc())
         rows = self.conn.execute(query.limit(count))
         return [
@@ -66,14 +66,14 @@ class ReadQueries:
 
     def oldest_queued_at(self) -> datetime | None:
         return self.conn.execute(  # type: ignore[no-any-return]
-            select(jobs.c.created_at).where(_pinned(jobs.c.status, Status.QUEUED.value))
+            select(jobs.c.created_at).where(self._pinned(jobs.c.status, Status.QUEUED.value))
             .order_by(jobs.c.status, jobs.c.id).limit(1)
         ).scalar_one_or_none()
 
     def queued_tools(self, limit: int) -> list[str]:
         """The tools of the first `limit` queued jobs, in FIFO order (only what an estimate needs)."""
         return list(self.conn.execute(
-            select(jobs.c.tool).where(_pinned(jobs.c.status, Status.QUEUED.value))
+            select(jobs.c.tool).where(self._pinned(jobs.c.status, Status.QUEUED.value))
             .order_by(jobs.c.status, jobs.c.id).limit(limit)
         ).scalars())
 
@@ -84,7 +84,7 @@ class ReadQueries:
         from aiqueue.store import _job
 
         rows = self.conn.execute(
-            select(jobs).where(_pinned(jobs.c.user_id, user)).order_by(jobs.c.user_id.desc(), jobs.c.id.desc())
+            select(jobs).where(self._pinned(jobs.c.user_id, user)).order_by(jobs.c.user_id.desc(), jobs.c.id.desc())
             .limit(limit)
         )
         return [_job(r) for r in rows]
@@ -116,16 +116,16 @@ class ReadQueries:
             # id), else (tool, status, id), else (status, id), else the primary key.
             query = select(jobs)
             if user is not None:
-                query = query.where(_pinned(jobs.c.user_id, user)).order_by(jobs.c.user_id.desc())
+                query = query.where(self._pinned(jobs.c.user_id, user)).order_by(jobs.c.user_id.desc())
                 if status is not None:
                     query = query.where(jobs.c.status == status.value)
                 if tool is not None:
                     query = query.where(jobs.c.tool == tool)
             elif tool is not None and status is not None:
-                query = query.where(_pinned(jobs.c.tool, tool), jobs.c.status == status.value)
+                query = query.where(self._pinned(jobs.c.tool, tool), jobs.c.status == status.value)
                 query = query.order_by(jobs.c.tool.desc(), jobs.c.status.desc())
             elif status is not None:
-                query = query.where(_pinned(jobs.c.status, status.value)).order_by(jobs.c.status.desc())
+                query = query.where(self._pinned(jobs.c.status, status.value)).order_by(jobs.c.status.desc())
             elif tool is not None:
                 query = query.where(jobs.c.tool == tool)
             if since is not None:
@@ -135,14 +135,15 @@ class ReadQueries:
 
         wanted = list(dict.fromkeys(statuses))
         if user is None and limit is not None and (tool is not None or len(wanted) > 1):
-            # One index walk per status, each stopping after `limit` rows; then the newest of them.
+            # One index walk per status, each stopping after `limit` rows; the newest of those few
+            # rows are picked here (an ORDER BY over the union would make SQLite sort each arm).
             parts = [select(branch(s).subquery()) for s in (wanted or list(Status))]
-            merged = union_all(*parts).subquery()
-            query: Any = select(merged).order_by(merged.c.id.desc()).limit(limit)
-        else:
-            query = branch(wanted[0] if len(wanted) == 1 else None)
-            if len(wanted) > 1:
-                query = query.where(jobs.c.status.in_([s.value for s in wanted]))
+            rows = sorted(self.conn.execute(union_all(*parts)), key=lambda r: r.id, reverse=True)[:limit]
+            yield from self.with_positions(_job(r) for r in rows)
+            return
+        query = branch(wanted[0] if len(wanted) == 1 else None)
+        if len(wanted) > 1:
+            query = query.where(jobs.c.status.in_([s.value for s in wanted]))
         result = self.conn.execution_options(yield_per=1000).execute(query)
         yield from self.with_positions(_job(r) for r in result)
 
@@ -166,13 +167,22 @@ class ReadQueries:
                     top = placed[1] - self._queued_between(high, placed[0])
                 span = self.conn.execute(
                     select(jobs.c.id)
-                    .where(_pinned(jobs.c.status, Status.QUEUED.value), jobs.c.id.between(low, high))
+                    .where(self._pinned(jobs.c.status, Status.QUEUED.value), jobs.c.id.between(low, high))
                     .order_by(jobs.c.status.desc(), jobs.c.id.desc())
                 ).scalars()
                 positions = {job_id: top - offset for offset, job_id in enumerate(span)}
                 placed = (low, positions.get(low, top))
             for job in chunk:
                 yield replace(job, position=positions.get(job.id)) if job.status is Status.QUEUED else job
+
+    def _pinned(self, column: Any, value: Any) -> Any:
+        """`column = value`, written on PostgreSQL as a one-value range. With an equality,
+        PostgreSQL takes the column as a constant and may answer `ORDER BY id LIMIT n` by walking
+        the primary key and filtering, which skips every other row first (200 ms past a million
+        finished jobs to reach the queued ones); a range keeps the order on (column, ..., id),
+        which only that index gives. SQLite has no statistics to be misled by, and an equality
+        lets it use every column of a composite index."""
+        return column.between(value, value) if self.dialect == "postgresql" else column == value
 
     def _queued_between(self, low: int | None, high: int) -> int:
         """Queued jobs with low < id <= high."""
@@ -181,10 +191,3 @@ class ReadQueries:
             query = query.where(jobs.c.id > low)
         return int(self.conn.execute(query).scalar_one())
 
-
-def _pinned(column: Any, value: Any) -> Any:
-    """`column = value` written as a one-value range. With an equality, PostgreSQL takes the
-    column as a constant and may answer `ORDER BY id LIMIT n` by walking the primary key and
-    filtering, which skips every other row first (200 ms past a million finished jobs to reach
-    the queued ones); a range keeps the order on (column, ..., id), which only that index gives."""
-    return column.between(value, value)
