@@ -102,6 +102,11 @@ def bad_steps(store: Store, statement: str, parameters: Any) -> tuple[list[str],
         details = [row[3] for row in cur.fetchall()]
         # Any SCAN of a big table is a pass over all of it (of its rows, or of a whole index).
         bad = [d for d in details if d.startswith("SCAN ") and d.split()[1] in BIG_TABLES]
+        # A sort for ORDER BY ... LIMIT after seeking one status sorts every job of that status
+        # (every completed job, say) to return the first few.
+        if " LIMIT " in statement.upper() and any(
+                d.startswith("SEARCH ") and "ix_aiqueue_jobs_status_id (status=?)" in d for d in details):
+            bad += [d for d in details if d.startswith("USE TEMP B-TREE FOR") and "ORDER BY" in d]
         return bad, "\n".join(details)
     finally:
         raw.close()
@@ -135,11 +140,17 @@ def test_the_check_catches_the_pitfalls_found(store: Store) -> None:
     PostgreSQL (with statistics): the FIFO pick as first written, `status = 'queued' ORDER BY id
     LIMIT 1`, walks the primary key past every finished job (228 ms at a million jobs).
     SQLite (no statistics): the finished-in-window count grouped by status walks the whole
-    (status, id) index instead of range-scanning (finished_at, status) (456 ms)."""
+    (status, id) index instead of range-scanning (finished_at, status) (456 ms); a tool's recent
+    durations with a range on the tool sort every completed job (1.1 s)."""
     if store.dialect == "postgresql":
-        statement = "SELECT * FROM aiqueue_jobs WHERE status = 'queued' ORDER BY id LIMIT 1"
+        statements = ["SELECT * FROM aiqueue_jobs WHERE status = 'queued' ORDER BY id LIMIT 1"]
     else:
-        statement = ("SELECT status, count(*) FROM aiqueue_jobs WHERE finished_at >= '2026-11-30'"
-                     " GROUP BY status")
-    bad, plan = bad_steps(store, statement, None)
-    assert bad, plan
+        statements = [
+            "SELECT status, count(*) FROM aiqueue_jobs WHERE finished_at >= '2026-11-30' GROUP BY status",
+            # recent durations of a tool with a range on the tool: sorts every completed job (1.1 s)
+            "SELECT started_at, finished_at FROM aiqueue_jobs WHERE tool BETWEEN 'upscale_image' AND"
+            " 'upscale_image' AND status = 'completed' ORDER BY tool DESC, status DESC, id DESC LIMIT 50",
+        ]
+    for statement in statements:
+        bad, plan = bad_steps(store, statement, None)
+        assert bad, f"{statement}\n{plan}"
