@@ -41,8 +41,9 @@ def test_bench_json_and_cleanup(backend: str, db_url: str, tmp_path: Path) -> No
                       "--seed", "7", "--json")
     assert result.code == 0, result.stderr
     data = json.loads(result.stdout)
-    assert set(data) == {"backend", "jobs", "workers", "limit", "fail_rate", "where", "ratio", "manager",
-                         "raw_sql", "cleaned_up"}
+    assert set(data) == {"backend", "jobs", "workers", "limit", "fail_rate", "where", "ratio",
+                         "ratio_without_provider", "manager", "raw_sql", "cleaned_up"}
+    assert data["ratio_without_provider"] > data["ratio"]
     assert data["backend"] == ("postgresql" if backend == "postgres" else "sqlite")
     assert (data["jobs"], data["workers"], data["limit"], data["where"]) == (12, 2, 3, "fresh")
     for side in ("manager", "raw_sql"):

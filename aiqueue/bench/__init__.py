@@ -93,10 +93,21 @@ class BenchResult:
     def ratio(self) -> float:
         return self.manager.jobs_per_second / self.raw_sql.jobs_per_second if self.raw_sql.jobs_per_second else 0.0
 
+    @property
+    def ratio_without_provider(self) -> float:
+        """The ratio with the manager's wall time less its share inside the provider's submit
+        (the raw side never calls a provider): what the engine alone costs against raw SQL."""
+        m = self.manager
+        seconds = m.seconds - m.provider_ms_per_job * m.finished / 1000 / self.workers
+        if seconds <= 0 or not self.raw_sql.jobs_per_second:
+            return 0.0
+        return m.finished / seconds / self.raw_sql.jobs_per_second
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "backend": self.backend, "jobs": self.jobs, "workers": self.workers, "limit": self.limit,
             "fail_rate": self.fail_rate, "where": self.where, "ratio": round(self.ratio, 3),
+            "ratio_without_provider": round(self.ratio_without_provider, 3),
             "manager": self.manager.to_dict(), "raw_sql": self.raw_sql.to_dict(),
             "cleaned_up": self.cleaned_up,
         }

@@ -115,7 +115,8 @@ def _render_bench(console: Console, result: BenchResult) -> None:
                       *(f"{o.p50_ms:.2f} / {o.p95_ms:.2f} / {o.p99_ms:.2f}" for o in ops))
     console.print(table)
     console.print(f"QueueManager / raw SQL = {result.ratio:.2f}; the manager spent "
-                  f"{result.manager.provider_ms_per_job:.2f} ms per job inside the provider's submit (HTTP)")
+                  f"{result.manager.provider_ms_per_job:.2f} ms per job inside the provider's submit (HTTP); "
+                  f"without it: {result.ratio_without_provider:.2f}")
     if result.manager.left_active or result.raw_sql.left_active:
         render.note(f"warning: jobs left active: manager {result.manager.left_active}, "
                     f"raw SQL {result.raw_sql.left_active}")
