@@ -233,10 +233,16 @@ class JobDetail:
     job: Job
     events: list[JobEvent]
     ledger: list[LedgerEntry]
+    estimated_start: datetime | None = None  # queued jobs: when it should start (aiqueue.eta)
+    approximate: bool = False
 
     def to_dict(self) -> dict[str, Any]:
+        job = self.job.to_dict()
+        if self.job.status is Status.QUEUED:
+            job["estimated_start"] = _iso(self.estimated_start)
+            job["estimate_approximate"] = self.approximate
         return {
-            "job": self.job.to_dict(),
+            "job": job,
             "events": [e.to_dict() for e in self.events],
             "ledger": [e.to_dict() for e in self.ledger],
         }

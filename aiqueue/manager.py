@@ -217,7 +217,14 @@ class QueueManager:
             job = tx.get_job(job_id)
             if job is None:
                 raise UnknownJobError(f"no job with id {job_id}", job_id=job_id)
-            return JobDetail(job=job, events=tx.events_of(job_id), ledger=tx.ledger_entries(job_id=job_id))
+            start, approximate = None, False
+            if job.status is Status.QUEUED:
+                from aiqueue.overview import estimate_start
+
+                start, approximate = estimate_start(
+                    tx, job, self.settings.max_concurrent, self.clock.now(), tx.is_paused())
+            return JobDetail(job=job, events=tx.events_of(job_id), ledger=tx.ledger_entries(job_id=job_id),
+                             estimated_start=start, approximate=approximate)
 
         return self.store.read(tx_fn)
 

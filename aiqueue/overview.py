@@ -71,23 +71,31 @@ def user_status(store: Store, limit_slots: int, clock: Clock, user: str) -> User
         paused = tx.is_paused()
         start, approximate = None, False
         if active is not None and active.status is Status.QUEUED:
-            position = tx.position(active.id)
-            active = _placed(active, position)
-            ahead = tx.queued_tools(min(position - 1, AHEAD_LOADED)) if position > 1 else []
-            holding = tx.holding_slots()
-            durations = durations_for(tx, [active.tool] + [j.tool for j in holding] + ahead)
-            if not paused:
-                simulation = Simulation(now, limit_slots, [(j.started_at, j.tool) for j in holding], durations)
-                for tool in ahead:
-                    simulation.next_start(tool)
-                skipped = position - 1 - len(ahead)
-                simulation.skip(skipped)
-                start, approximate = simulation.next_start(active.tool), skipped > 0
+            active = _placed(active, tx.position(active.id))
+            start, approximate = estimate_start(tx, active, limit_slots, now, paused)
         recent = [_placed(j, active.position) if active is not None and j.id == active.id else j for j in recent]
         return UserStatus(user=user, balance=tx.balance(user), known=known, active=active, estimated_start=start,
                           approximate=approximate, recent=recent, paused=paused, now=now)
 
     return store.read(tx_fn)
+
+
+def estimate_start(tx: Tx, job: Job, limit_slots: int, now: datetime, paused: bool) -> tuple[datetime | None, bool]:
+    """(estimated start, approximate) of a queued job that carries its position: the jobs holding
+    slots and up to AHEAD_LOADED jobs ahead of it are simulated one by one, the rest skipped in
+    closed form (then the figure is approximate). A paused queue starts nothing: None."""
+    assert job.position is not None
+    if paused:
+        return None, False
+    ahead = tx.queued_tools(min(job.position - 1, AHEAD_LOADED)) if job.position > 1 else []
+    holding = tx.holding_slots()
+    durations = durations_for(tx, [job.tool] + [j.tool for j in holding] + ahead)
+    simulation = Simulation(now, limit_slots, [(j.started_at, j.tool) for j in holding], durations)
+    for tool in ahead:
+        simulation.next_start(tool)
+    skipped = job.position - 1 - len(ahead)
+    simulation.skip(skipped)
+    return simulation.next_start(job.tool), skipped > 0
 
 
 def parse_statuses(values: Sequence[str]) -> list[Status]:

@@ -154,6 +154,10 @@ def test_user_status_answers_support(make_manager: Any, fake_hub: Any, clock: An
     assert mine.balance == 95
     data = mine.to_dict()
     assert data["active"]["estimated_wait_seconds"] == 60.0 and data["known"] is True
+    detail = manager.job_detail(waiting.id)  # `status JOB_ID` tells the same
+    assert detail.estimated_start == mine.estimated_start and not detail.approximate
+    assert detail.to_dict()["job"]["estimated_start"] == mine.estimated_start.isoformat()
+    assert "estimated_start" not in manager.job_detail(running.id).to_dict()["job"]
 
     theirs = manager.user_status("runner")
     assert theirs.active is not None and theirs.active.status is Status.RUNNING and theirs.estimated_start is None
@@ -280,6 +284,9 @@ def test_status_user_through_the_cli(cli: Any, fake_hub: Any) -> None:
     assert data["active"]["estimated_start"] is None  # nothing has completed yet: unknown, said so
     table = cli("status", "--user", "alice")
     assert table.code == 0 and "queued at position 2" in table.stdout and "start time unknown" in table.stdout
+    detail = cli("status", str(data["active"]["id"]))
+    assert detail.code == 0 and "est. start" in detail.stdout and "unknown" in detail.stdout
+    assert cli("status", str(data["active"]["id"]), "--json").json()["job"]["estimated_start"] is None
     running = cli("status", "--user", "u1")
     assert running.code == 0 and "running in slot 1" in running.stdout
     ghost = cli("status", "--user", "ghost", "--json")

@@ -254,6 +254,7 @@ def render_job_detail(console: Console, detail: JobDetail, now: datetime | None 
         ("tool", job.tool),
         ("cost", job.cost),
         ("position", job.position),
+        ("est. start", None if job.status != "queued" else _estimate(detail)),
         ("slot", job.slot),
         ("provider task", job.provider_task_id),
         ("inputs", ", ".join(f"{k}={v}" for k, v in job.inputs.items()) or None),
@@ -268,6 +269,13 @@ def render_job_detail(console: Console, detail: JobDetail, now: datetime | None 
     console.print(Panel(grid, title=f"job {job.id}", title_align="left", expand=False))
     render_events(console, detail.events)
     render_ledger(console, detail.ledger, title=f"Ledger of job {job.id}")
+
+
+def _estimate(detail: JobDetail) -> str:
+    if detail.estimated_start is None:
+        return "unknown (paused, or no completed run to estimate from)"
+    approx = ", approximate" if detail.approximate else ""
+    return f"{_when(detail.estimated_start)} UTC{approx}"
 
 
 def render_events(console: Console, events: Sequence[JobEvent]) -> None:
