@@ -28,8 +28,12 @@ def files(*parts: str) -> list[Path]:
 
 FORBIDDEN = [
     # (files, modules they must not import, why)
-    (files("manager.py"), ("typer", "click", "rich", "httpx", "sqlalchemy", "sqlmodel", "aiqueue.cli"),
-     "the manager holds the rules: no terminal, no HTTP, no SQL"),
+    (files("manager.py") + files("overview.py"),
+     ("typer", "click", "rich", "httpx", "sqlalchemy", "sqlmodel", "aiqueue.cli"),
+     "the manager (and its read side, overview.py) holds the rules: no terminal, no HTTP, no SQL"),
+    (files("eta.py"), ("typer", "click", "rich", "httpx", "sqlalchemy", "sqlmodel", "aiqueue.cli", "aiqueue.store",
+                       "aiqueue.provider", "aiqueue.manager"),
+     "the start-time estimate is pure arithmetic over durations"),
     (files("monitor.py"), ("typer", "click", "rich", "httpx", "sqlalchemy", "sqlmodel", "aiqueue.cli"),
      "doctor and metrics sit at the manager's level: SQL in store/stats.py, HTTP in the provider, no terminal"),
     (files("store"), ("httpx", "typer", "rich", "aiqueue.manager", "aiqueue.cli", "aiqueue.provider"),

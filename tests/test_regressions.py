@@ -191,7 +191,7 @@ def test_debug_traceback_is_scrubbed(tmp_path: Path, monkeypatch: pytest.MonkeyP
     key = f"sk-LEAK-CANARY-{uuid.uuid4().hex}"  # fresh: the CLI remembers keys it has loaded
     config = write_config(tmp_path / "c.toml", NO_HUB, extra=f'api_key = "{key}"')
 
-    def boom(self: Any, limit: int | None = None) -> Any:
+    def boom(self: Any, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(f"lost postgresql://aiq:s3cr3t@db.example/aiq sent {key}")
 
     monkeypatch.setattr(QueueManager, "status", boom)
