@@ -4,13 +4,14 @@ watch) and jobs (filtered listings as a table, a JSON list or streamed JSON line
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from aiqueue.cli import params, render
+from aiqueue.cli import completions, params, render
 from aiqueue.cli.common import (
     JsonOpt,
     OptionalJobIdArg,
@@ -20,7 +21,7 @@ from aiqueue.cli.common import (
     show,
 )
 from aiqueue.clock import SystemClock
-from aiqueue.errors import UsageError
+from aiqueue.errors import DatabaseError, UsageError
 
 if TYPE_CHECKING:
     from aiqueue.manager import QueueManager
@@ -49,7 +50,7 @@ IntervalOpt = Annotated[float, typer.Option(
     "--interval", metavar="SECONDS", min=0.1, max=3600,
     help="--watch: seconds between refreshes without a change (SQLite polls at this pace).")]
 StatusFilterOpt = Annotated[list[str] | None, typer.Option(
-    "--status", metavar="STATUS[,STATUS]", show_default=False,
+    "--status", metavar="STATUS[,STATUS]", show_default=False, autocompletion=completions.complete_status,
     help="Only these statuses (repeatable or comma-separated): queued, starting, running, completed, "
          "failed, cancelled.")]
 JobsUserOpt = Annotated[str | None, typer.Option("--user", metavar="USER", help="Only this user's jobs.")]
@@ -88,7 +89,7 @@ def status(
         return
     if user is not None and limit is not None:
         raise UsageError("--limit cuts the queue; it does not go with --user")
-    manager = manager_of(ctx)
+    manager = manager_of(ctx, long_lived=watch)  # a watch checks pooled connections before use
     from aiqueue.cli import render_queue
 
     if user is not None:
@@ -174,16 +175,64 @@ def _watch(
         listener.close()
 
 
-def _watch_json(listener: Any, snapshot: Callable[[], Any], interval: float) -> None:
-    """One JSON line per change: a first snapshot, then one whenever the queue differs."""
-    last = None
+RECONNECT_FIRST = 0.5  # seconds before the second attempt to reconnect, doubling up to
+RECONNECT_MAX = 5.0
+
+
+def _snapshots(listener: Any, snapshot: Callable[[], Any], interval: float,
+               lost: Callable[[str], None]) -> Iterator[Any]:
+    """The first snapshot, then one after every change (or `interval`), through lost connections.
+
+    A lost connection (the listener's or the engine's: DatabaseError) calls lost(message) and
+    retries until both are back, 0.5 s doubling to 5 s apart, forever (Ctrl-C ends it); then a
+    snapshot at once, as what changed meanwhile was never heard. Only this read is retried, never a
+    write. The first snapshot is not: a database unreachable at start is an error (exit 8)."""
+    current = snapshot()
     while True:
-        current = snapshot().to_dict()
+        yield current
+        try:
+            listener.wait(interval)
+            current = snapshot()
+        except DatabaseError as exc:
+            current = _reconnect(listener, snapshot, lost, exc)
+
+
+def _reconnect(listener: Any, snapshot: Callable[[], Any], lost: Callable[[str], None],
+               error: DatabaseError) -> Any:
+    """LISTEN again and read the queue afresh, retrying with a backoff until both work."""
+    from aiqueue.cli.wiring import scrub
+
+    delay = RECONNECT_FIRST
+    while True:
+        lost(scrub(error.message))
+        try:
+            listener.reconnect()
+            return snapshot()
+        except DatabaseError as exc:
+            error = exc
+        time.sleep(delay)
+        delay = min(delay * 2, RECONNECT_MAX)
+
+
+def _watch_json(listener: Any, snapshot: Callable[[], Any], interval: float) -> None:
+    """One JSON line per change: a first snapshot, then one whenever the queue differs. stdout stays
+    JSON only: a lost connection says one line on stderr per outage."""
+    last = None
+    said = False
+
+    def lost(message: str) -> None:
+        nonlocal said
+        if not said:
+            render.note(f"reconnecting to the database\u2026 ({message})")
+            said = True
+
+    for data in _snapshots(listener, snapshot, interval, lost):
+        said = False
+        current = data.to_dict()
         key = _fingerprint(current)
         if key != last:
             render.write_json(current)
             last = key
-        listener.wait(interval)
 
 
 def _fingerprint(data: dict[str, Any]) -> str:
@@ -210,16 +259,27 @@ def _watch_live(listener: Any, snapshot: Callable[[], Any], view: Callable[[Any,
 
     console = render.stdout_console()
     how = "on every change" if type(listener).__name__ == "PgListener" else f"every {interval:g}s"
+    body: list[Any] = []
 
-    def frame() -> Group:
-        now = SystemClock().now().strftime("%H:%M:%S")
-        footer = render_footer(f"{now} UTC - refreshes {how} - Ctrl-C to quit")
-        return Group(*view(snapshot(), console.width), footer)
+    def clock() -> str:
+        return SystemClock().now().strftime("%H:%M:%S")
 
-    with Live(frame(), console=console, auto_refresh=False, transient=False) as live:
-        while True:
-            listener.wait(interval)
-            live.update(frame(), refresh=True)
+    since = ""
+
+    with Live(Group(), console=console, auto_refresh=False, transient=False) as live:
+
+        def lost(message: str) -> None:  # the last view stays, with what happened in the footer
+            nonlocal since
+            since = since or clock()
+            footer = render_footer(f"{clock()} UTC - reconnecting to the database\u2026 (lost at {since}; "
+                                   "the view above is from then) - Ctrl-C to quit")
+            live.update(Group(*body, footer, render_footer(f"last error: {message}")), refresh=True)
+
+        for data in _snapshots(listener, snapshot, interval, lost):
+            since = ""
+            body = view(data, console.width)
+            live.update(Group(*body, render_footer(f"{clock()} UTC - refreshes {how} - Ctrl-C to quit")),
+                        refresh=True)
 
 
 def render_footer(text: str) -> Any:

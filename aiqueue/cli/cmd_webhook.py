@@ -65,7 +65,7 @@ def serve(
     from aiqueue.receiver import WebhookReceiver
     from aiqueue.settings import ENV_WEBHOOK_TOKEN, WEBHOOK_ROUTE
 
-    manager = manager_of(ctx)
+    manager = manager_of(ctx, long_lived=True)  # pooled connections checked before use
     settings = manager.settings
     if not settings.webhook_token:
         raise ConfigError(f"webhook.token is not set: set it in [webhook] or export {ENV_WEBHOOK_TOKEN}",

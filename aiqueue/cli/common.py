@@ -161,9 +161,9 @@ def options_of(ctx: typer.Context) -> Globals:
     return options
 
 
-def manager_of(ctx: typer.Context) -> QueueManager:
+def manager_of(ctx: typer.Context, *, long_lived: bool = False) -> QueueManager:
     options = options_of(ctx)
-    return ctx.with_resource(wiring.managed(options.config, options.db))
+    return ctx.with_resource(wiring.managed(options.config, options.db, long_lived=long_lived))
 
 
 def show(ctx: typer.Context, as_json: bool, result: render.Result, table: Callable[[Any, Any], None]) -> None:

@@ -70,7 +70,10 @@ def build_manager(
     return manager_for(settings, LazyRunningHub(settings))
 
 
-def manager_for(settings: Settings, provider: LazyRunningHub) -> QueueManager:
+def manager_for(settings: Settings, provider: LazyRunningHub, *, long_lived: bool = False) -> QueueManager:
+    """long_lived (`webhook serve`, `status --watch`): the store checks a pooled connection before
+    each use, so one a failover or a restart closed is replaced instead of failing the next request.
+    One-shot commands open a fresh pool per process and do not pay that round trip."""
     from urllib.parse import unquote, urlsplit
 
     from aiqueue.manager import QueueManager
@@ -84,17 +87,26 @@ def manager_for(settings: Settings, provider: LazyRunningHub) -> QueueManager:
     if password:
         SECRETS.update({password, unquote(password)})
 
-    return QueueManager(Store(settings.database_url), settings, provider=provider)
+    return QueueManager(Store(settings.database_url, pre_ping=long_lived), settings, provider=provider)
 
 
 @contextmanager
-def managed(config: str | os.PathLike[str] | None = None, db: str | None = None) -> Iterator[QueueManager]:
+def managed(
+    config: str | os.PathLike[str] | None = None, db: str | None = None, *, long_lived: bool = False
+) -> Iterator[QueueManager]:
     """build_manager, then dispose of the engine and the HTTP client when the command is done."""
     settings = load_settings(config, db)
     provider = LazyRunningHub(settings)
-    manager = manager_for(settings, provider)
+    manager = manager_for(settings, provider, long_lived=long_lived)
     try:
         yield manager
     finally:
         provider.close()
         manager.store.dispose()
+
+
+def scrub(text: str) -> str:
+    """Mask every secret this process has loaded (a message shown while it keeps running)."""
+    for secret in sorted(filter(None, SECRETS), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text

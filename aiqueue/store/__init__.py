@@ -31,9 +31,9 @@ T = TypeVar("T")
 
 
 class Store:
-    def __init__(self, url: str, *, busy_timeout: float = 30.0) -> None:
+    def __init__(self, url: str, *, busy_timeout: float = 30.0, pre_ping: bool = False) -> None:
         self.url = url
-        self.engine = _engine.make_engine(url, busy_timeout=busy_timeout)
+        self.engine = _engine.make_engine(url, busy_timeout=busy_timeout, pre_ping=pre_ping)
         self.dialect = self.engine.dialect.name
         self._file = _engine.sqlite_file(url)
         self._version_checked = False  # by the first write: see migrations.check_version

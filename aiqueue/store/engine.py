@@ -29,13 +29,16 @@ SQLITE_PRAGMAS = (
 )
 
 
-def make_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
+def make_engine(url: str, *, busy_timeout: float = 30.0, pre_ping: bool = False) -> Engine:
+    """pre_ping (PostgreSQL): check each pooled connection before use, for long-lived processes
+    whose pooled connections a failover or pg_terminate_backend may have closed; one-shot commands
+    open a fresh pool and skip the round trip. Never a retry: a failed transaction still fails."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": busy_timeout, "check_same_thread": False})
         _setup_sqlite(engine, busy_timeout)
         return engine
     if url.startswith("postgresql"):
-        return create_engine(url, pool_pre_ping=False, connect_args={"connect_timeout": 10})
+        return create_engine(url, pool_pre_ping=pre_ping, connect_args={"connect_timeout": 10})
     raise DatabaseError(f"unsupported database URL scheme: {url.split(':', 1)[0]}")
 
 

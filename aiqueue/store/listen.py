@@ -6,6 +6,10 @@ hears it exactly when the change commits and never for one that rolled back. The
 dedicated psycopg connection in autocommit mode: waiting for notifications on a connection that
 also runs queries would stall those queries (PERF-NOTES). NOTIFY is per database, not per schema,
 so the payload names the schema and a listener ignores the other schemas' changes.
+
+A lost connection (a failover, a restart, pg_terminate_backend) makes wait() raise DatabaseError;
+reconnect() opens a new connection and LISTENs again (a watcher retries it with a backoff and then
+reads the queue afresh, as changes made while it was away were never heard).
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ class Listener(Protocol):
         """Block until the queue changes (True) or `timeout` seconds pass (False)."""
         ...
 
+    def reconnect(self) -> None:
+        """After wait() raised DatabaseError: listen again on a new connection (or raise)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -35,22 +43,37 @@ class PollListener:
         time.sleep(max(0.0, timeout))
         return False
 
+    def reconnect(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
 class PgListener:
     def __init__(self, url: Any) -> None:
+        self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self.conn = self._listen()
+
+    def _listen(self) -> Any:
         import psycopg
 
-        conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        conn = None
         try:
-            self.conn = psycopg.connect(conninfo, autocommit=True, connect_timeout=10)
-            row = self.conn.execute("SELECT current_schema()").fetchone()
+            conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10)
+            row = conn.execute("SELECT current_schema()").fetchone()
             self.schema = str(row[0]) if row else "public"
-            self.conn.execute(f"LISTEN {CHANNEL}")
+            conn.execute(f"LISTEN {CHANNEL}")
+            return conn
         except psycopg.Error as exc:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
             raise DatabaseError(f"cannot listen for changes: {_first_line(exc)}") from None
+
+    def reconnect(self) -> None:
+        self.close()
+        self.conn = self._listen()
 
     def wait(self, timeout: float) -> bool:
         import psycopg
