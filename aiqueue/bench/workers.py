@@ -74,6 +74,9 @@ class _ManagerWorker(_Base):
         # One fake RunningHub per worker, in this process: the provider side scales with the
         # workers, and a task's webhook body comes from the fake without a network hop.
         self.hub = FakeRunningHub(api_key=API_KEY).start()
+        # The fake numbers tasks from the clock in ms x 1000: fakes started in the same instant
+        # by sibling workers would hand out the same task ids. Give each worker its own range.
+        self.hub._next_id = 1_990_000_000_000_000_000 + (plan["token"] % 10**6) * 10**9 + plan["worker"] * 10**7
         tool = ToolSpec(TOOL, "1990000000000000001", COST,
                         {"image": InputSpec("image", "12", "image", None)})
         settings = Settings(
