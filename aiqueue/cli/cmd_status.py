@@ -21,7 +21,7 @@ from aiqueue.cli.common import (
     show,
 )
 from aiqueue.clock import SystemClock
-from aiqueue.errors import DatabaseError, UsageError
+from aiqueue.errors import DatabaseError, SchemaMissingError, UsageError
 
 if TYPE_CHECKING:
     from aiqueue.manager import QueueManager
@@ -186,7 +186,8 @@ def _snapshots(listener: Any, snapshot: Callable[[], Any], interval: float,
     A lost connection (the listener's or the engine's: DatabaseError) calls lost(message) and
     retries until both are back, 0.5 s doubling to 5 s apart, forever (Ctrl-C ends it); then a
     snapshot at once, as what changed meanwhile was never heard. Only this read is retried, never a
-    write. The first snapshot is not: a database unreachable at start is an error (exit 8)."""
+    write. The first snapshot is not: a database unreachable at start is an error (exit 8), and so
+    is any error on SQLite (no connection to lose) and a schema gone from the database."""
     current = snapshot()
     while True:
         yield current
@@ -194,6 +195,8 @@ def _snapshots(listener: Any, snapshot: Callable[[], Any], interval: float,
             listener.wait(interval)
             current = snapshot()
         except DatabaseError as exc:
+            if not listener.reconnects or isinstance(exc, SchemaMissingError):
+                raise
             current = _reconnect(listener, snapshot, lost, exc)
 
 
@@ -208,6 +211,8 @@ def _reconnect(listener: Any, snapshot: Callable[[], Any], lost: Callable[[str],
         try:
             listener.reconnect()
             return snapshot()
+        except SchemaMissingError:
+            raise
         except DatabaseError as exc:
             error = exc
         time.sleep(delay)

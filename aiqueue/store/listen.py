@@ -25,6 +25,8 @@ _BURST = 0.05  # seconds to gather a burst of changes into one wake-up
 
 
 class Listener(Protocol):
+    reconnects: bool  # whether a watcher retries reconnect() after a DatabaseError
+
     def wait(self, timeout: float) -> bool:
         """Block until the queue changes (True) or `timeout` seconds pass (False)."""
         ...
@@ -39,6 +41,8 @@ class Listener(Protocol):
 class PollListener:
     """SQLite has no notifications: the caller polls every `timeout` seconds."""
 
+    reconnects = False  # a file, no connection to lose: an error ends the watch (exit 8)
+
     def wait(self, timeout: float) -> bool:
         time.sleep(max(0.0, timeout))
         return False
@@ -51,6 +55,8 @@ class PollListener:
 
 
 class PgListener:
+    reconnects = True  # a watcher calls reconnect() after a lost connection
+
     def __init__(self, url: Any) -> None:
         self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self.conn = self._listen()
