@@ -151,7 +151,8 @@ def test_skip_leaves_checks_out(cli: Callable[..., Run], db_url: str, fake_hub: 
     assert fake_hub.requests == []  # a skipped provider check sends nothing
     for bad in ("database", "schema", "audit"):
         refused = cli("doctor", "--skip", bad)
-        assert (refused.code, refused.stdout) == (2, "") and "--skip" in refused.stderr and bad in refused.stderr
+        # A usage error: 3 (UNKNOWN), as monitoring plugins do, since 2 means CRITICAL.
+        assert (refused.code, refused.stdout) == (3, "") and "--skip" in refused.stderr and bad in refused.stderr
 
 
 def test_without_an_api_key_the_provider_is_a_warning(cli: Callable[..., Run], monkeypatch: pytest.MonkeyPatch,

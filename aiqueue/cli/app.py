@@ -9,6 +9,7 @@ argument errors stay fast.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -29,6 +30,8 @@ from aiqueue.cli.common import (
     credits_app, manager_of, options_of, progress, show,
 )
 from aiqueue.errors import AiqueueError, AuditProblemsError, UsageError
+
+PIPE_CLOSED_EXIT = 128 + signal.SIGPIPE  # 141: stdout's reader went away (`aiqueue jobs | head`)
 
 # --- commands -----------------------------------------------------------------------------------
 
@@ -287,9 +290,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except (KeyboardInterrupt, typer.Abort):
         _fail(_with_code(AiqueueError("interrupted"), 130), as_json)
     except BrokenPipeError:
-        # The reader (e.g. `| head`) went away: nothing left to say to anyone.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(1) from None
+        _pipe_closed()
+    except SystemExit as exc:
+        # Typer's main() turns a broken pipe into a bare exit 1: tell it apart by its cause.
+        if isinstance(exc.__context__, OSError) and exc.__context__.errno == errno.EPIPE:
+            _pipe_closed()
+        raise
     except Exception as exc:  # noqa: BLE001 - the catch point: one line, traceback only on request
         if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `aiqueue` or `aiqueue credits`
             _print_help(exc)
@@ -301,6 +307,16 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         if not debug:
             message += " (run with --debug for the traceback)"
         _fail(AiqueueError(_scrub(message)), as_json)
+
+
+def _pipe_closed() -> NoReturn:
+    """The reader (e.g. `| head`) went away: nothing left to say to anyone. Exit silently with
+    what a shell reports for a command killed by SIGPIPE (128 + 13), as `cat | head` does."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout already closed, or not a real file (tests)
+        pass
+    raise SystemExit(PIPE_CLOSED_EXIT) from None
 
 
 def _print_help(exc: Any) -> NoReturn:
@@ -336,6 +352,10 @@ def _usage(exc: Any) -> AiqueueError:
     if ctx is not None:
         message = f"{message.rstrip('.')}. See '{ctx.command_path} --help'."
     code = getattr(exc, "exit_code", 1)
+    if code == 2 and ctx is not None:  # doctor: 2 is CRITICAL, its usage errors are 3 (UNKNOWN)
+        code = getattr(ctx.command, "usage_exit_code", 2)
+        if code != 2:
+            return _with_code(UsageError(message), code)
     return UsageError(message) if code == 2 else _with_code(AiqueueError(message), code)
 
 

@@ -13,9 +13,10 @@ import sys
 import tempfile
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from aiqueue.cli import render, wiring
 from aiqueue.cli.common import JsonOpt, app, manager_of, options_of, show
@@ -31,28 +32,59 @@ OutputOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045 - as common.p
     help="Write to FILE atomically (mode 0644) instead of stdout, e.g. for node_exporter's "
          "textfile collector (a name ending in .prom).")]
 
+
+
+class PluginCommand(TyperCommand):
+    """A command that follows the monitoring-plugin exit codes, where 2 means CRITICAL: its usage
+    errors exit 3 (UNKNOWN) instead. The catch point (app.py main) reads `usage_exit_code`."""
+
+    usage_exit_code = 3
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as exc:
+            # Some parser errors ("--skip requires an argument") come without a context: give
+            # them this one, so the catch point knows whose usage error it is.
+            if getattr(exc, "ctx", False) is None:
+                exc.ctx = ctx  # type: ignore[attr-defined]
+            raise
+
+
+def _skippable(ctx: Any, param: Any, values: list[str] | None) -> list[str] | None:
+    """--skip's values, checked while parsing (before any connection): a usage error of doctor."""
+    from aiqueue.monitor import SKIPPABLE
+
+    unknown = sorted(set(values or ()) - set(SKIPPABLE))
+    if unknown:
+        raise typer.BadParameter(f"no check named {unknown[0]!r} can be skipped (choose from {', '.join(SKIPPABLE)})")
+    return values
+
+
+def _complete_skip(ctx: Any, incomplete: str) -> list[str]:
+    from aiqueue.monitor import SKIPPABLE
+
+    return [name for name in SKIPPABLE if name.startswith(incomplete)]
+
+
 SkipOpt = Annotated[Optional[list[str]], typer.Option(  # noqa: UP045 - as common.py: typer reads it
-    "--skip", metavar="CHECK", show_default=False,
+    "--skip", metavar="CHECK", show_default=False, callback=_skippable, autocompletion=_complete_skip,
     help="Do not run this check (repeatable): provider, stuck_jobs, queue_age, queue_depth, paused, "
          "refund_audit. E.g. the audit, which reads every job, from a check run every minute.")]
 
 _LEVEL_STYLE = {"ok": "green", "warning": "yellow", "critical": "bold red"}
 
 
-@app.command()
+@app.command(cls=PluginCommand)
 def doctor(ctx: typer.Context, skip: SkipOpt = None, as_json: JsonOpt = False) -> None:
     """Check the database, the schema, RunningHub (account status), stuck jobs, the queue's age
     and depth (thresholds in the config's doctor section), a paused queue and the refund audit.
-    Exit 0 ok, 1 warning, 2 critical, as monitoring plugins do (3: the config itself is invalid).
+    Exit 0 ok, 1 warning, 2 critical, as monitoring plugins do (3: an invalid config or usage).
 
     Example: aiqueue doctor --skip refund_audit --json | jq '.checks[] | select(.level != "ok")'
     """
-    from aiqueue.monitor import SKIPPABLE
     from aiqueue.monitor import doctor as run_doctor
 
-    unknown = sorted(set(skip or ()) - set(SKIPPABLE))
-    if unknown:  # before any connection is made
-        raise UsageError(f"--skip: no check named {unknown[0]!r} can be skipped (choose from {', '.join(SKIPPABLE)})")
     manager = manager_of(ctx)
     provider = ctx.with_resource(closing(wiring.LazyRunningHub(manager.settings)))
     report = run_doctor(manager, provider, skip=skip or ())

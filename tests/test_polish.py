@@ -1,0 +1,76 @@
+"""What a fresh user met at the command line: a closed pipe, doctor's usage errors, numbers cut on
+narrow terminals, duration and --status messages, `config init` onto a file, completion of
+--status, flags shown as taking a value, plurals, the doctor thresholds in `config show`, an
+enqueue that could not reach RunningHub, the SQLite file's mode, the demo's deleted database,
+a watch over a deleted file, and user ids that only look alike. Real CLI runs, both backends where
+a database is involved."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from typer.main import get_command
+
+from aiqueue.cli.app import app
+from aiqueue.domain import Status
+from tests.cli_helpers import Run, run_cli
+from tests.conftest import API_KEY, write_config
+
+IMG = ["--input", "image=api/in.png"]
+
+
+@pytest.fixture
+def cli(db_url: str, config_file: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("RUNNINGHUB_API_KEY", API_KEY)
+    monkeypatch.setenv("COLUMNS", "80")
+    assert run_cli("--config", str(config_file), "--db", db_url, "db", "init").code == 0
+
+    def run(*args: str) -> Run:
+        return run_cli("--config", str(config_file), "--db", db_url, *args)
+
+    return run
+
+
+def aiqueue(*args: str, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "aiqueue", *args], text=True, timeout=60, check=False,
+                          env={**os.environ, **(env or {})}, **kwargs)
+
+
+# --- 1. a reader that went away: exit 141, silently ----------------------------------------------
+
+
+def test_a_closed_pipe_exits_141_silently(cli: Any, db_url: str, config_file: Path) -> None:
+    assert cli("credits", "grant", "alice", "100").code == 0
+    assert cli("enqueue", "--user", "alice", "--tool", "upscale_image", *IMG, "--no-start").code == 0
+    read, write = os.pipe()
+    os.close(read)  # `| head` that has already gone: the first write meets EPIPE
+    try:
+        for args in (["jobs", "--jsonl"], ["jobs"], ["status", "--json"], ["--help"]):
+            run = aiqueue("--config", str(config_file), "--db", db_url, *args, stdout=write,
+                          stderr=subprocess.PIPE, env={"RUNNINGHUB_API_KEY": API_KEY})
+            assert (run.returncode, run.stderr) == (141, ""), args
+    finally:
+        os.close(write)
+
+
+# --- 2. doctor: usage errors are UNKNOWN (3), not CRITICAL (2) -------------------------------------
+
+
+@pytest.mark.parametrize("args", [["--skip", "bogus"], ["--skip"], ["--bogus"], ["extra"], ["--json=1"]])
+def test_doctor_usage_errors_exit_3(args: list[str], tmp_path: Path) -> None:
+    run = run_cli("--db", f"sqlite:///{tmp_path / 'none.db'}", "doctor", *args)
+    assert run.code == 3 and run.stdout == "" and run.stderr.startswith("error: ")
+    assert "aiqueue doctor --help" in run.stderr
+    as_json = run_cli("--db", f"sqlite:///{tmp_path / 'none.db'}", "doctor", *args, "--json")
+    assert as_json.code == 3 and as_json.error()["exit_code"] == 3 and as_json.error()["code"] == "usage"
+    assert not (tmp_path / "none.db").exists()  # refused before any connection
+    assert run_cli("jobs", *args).code == 2  # every other command: usage errors stay 2
