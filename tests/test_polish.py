@@ -74,3 +74,46 @@ def test_doctor_usage_errors_exit_3(args: list[str], tmp_path: Path) -> None:
     assert as_json.code == 3 and as_json.error()["exit_code"] == 3 and as_json.error()["code"] == "usage"
     assert not (tmp_path / "none.db").exists()  # refused before any connection
     assert run_cli("jobs", *args).code == 2  # every other command: usage errors stay 2
+
+
+# --- 3. ids and numbers are never cut on a narrow terminal ---------------------------------------
+
+
+def first_cells(text: str) -> list[str]:
+    return [line.split()[0] for line in text.splitlines() if line.strip()]
+
+
+def test_narrow_terminals_never_show_a_wrong_number(cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    for n in range(13):
+        assert cli("credits", "grant", f"u{n}", "100").code == 0
+        assert cli("enqueue", "--user", f"u{n}", "--tool", "upscale_image", *IMG, "--no-start").code == 0
+    monkeypatch.setenv("COLUMNS", "10")
+    listed = cli("jobs", "--limit", "2")
+    assert listed.code == 0
+    cells = first_cells(listed.stdout)
+    assert "13" in cells and "12" in cells and "1" not in cells, listed.stdout
+    monkeypatch.setenv("COLUMNS", "30")
+    status = cli("status", "--limit", "12")
+    rows = [line.split() for line in status.stdout.splitlines() if re.match(r"^\s+\d+\s+\d+\s", line)]
+    assert [(r[0], r[1]) for r in rows] == [(str(n), str(n)) for n in range(1, 13)], status.stdout  # position, job
+    monkeypatch.setenv("COLUMNS", "20")
+    ledger = cli("credits", "ledger", "--user", "u12")
+    assert "+100" in ledger.stdout.split() and "-5" in ledger.stdout.split(), ledger.stdout
+    assert "13" in ledger.stdout.split()  # the charge's job id
+
+
+# --- 8. config check's plural, config show's doctor thresholds -----------------------------------
+
+
+def test_config_check_plural_and_show_lists_the_doctor_thresholds(tmp_path: Path) -> None:
+    two = write_config(tmp_path / "two.toml", "http://127.0.0.1:9",
+                       extra='\n[doctor]\nqueue_depth_warning = 7\nqueue_age_critical = "3h"\n')
+    assert "; 2 tools;" in run_cli("--config", str(two), "config", "check").stdout
+    one = tmp_path / "one.toml"
+    one.write_text(two.read_text().split("[tools.upscale_video]")[0])
+    one.chmod(0o600)
+    assert "; 1 tool;" in run_cli("--config", str(one), "config", "check").stdout
+    shown = run_cli("--config", str(two), "config", "show").stdout
+    rows = {line.split()[0]: line.split()[1:] for line in shown.splitlines() if line.strip().startswith("doctor.")}
+    assert rows == {"doctor.queue_age_warning": ["1800s", "default"], "doctor.queue_age_critical": ["10800s", "file"],
+                    "doctor.queue_depth_warning": ["7", "file"], "doctor.queue_depth_critical": ["10000", "default"]}

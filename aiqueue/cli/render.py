@@ -202,7 +202,8 @@ def render_config(console: Console, view: ConfigView) -> None:
     values = view.settings
     if view.checked:
         where = values["config_path"] or "no config file (defaults only)"
-        _line(console, f"config OK: {where}; {len(values['tools'])} tools; database {values['database_url']}")
+        tools = len(values["tools"])
+        _line(console, f"config OK: {where}; {tools} tool{'' if tools == 1 else 's'}; database {values['database_url']}")
         return
     sources = values["sources"]
     table = _table("Effective config", ("key", L), ("value", W), ("from", L))
@@ -219,6 +220,13 @@ def render_config(console: Console, view: ConfigView) -> None:
         ("webhook.public_url", values["webhook"]["public_url"] or "-", sources.get("webhook.public_url")),
         ("webhook.token", values["webhook"]["token"] or "(not set)", sources.get("webhook.token")),
     ]
+    doctor = values["doctor"]
+    for level in ("warning", "critical"):
+        key = f"doctor.queue_age_{level}"
+        rows.append((key, f"{doctor[f'queue_age_{level}_seconds']:g}s", sources.get(key)))
+    for level in ("warning", "critical"):
+        key = f"doctor.queue_depth_{level}"
+        rows.append((key, doctor[f"queue_depth_{level}"], sources.get(key)))
     for key, value, source in rows:
         table.add_row(_cell(key), _cell(value), _cell(source))
     _print_table(console, table, len(rows), "")
@@ -412,7 +420,37 @@ def _table(title: str | None, *columns: tuple[str, str]) -> Table:
 def _print_table(console: Console, table: Table, rows: int, empty: str) -> None:
     if rows == 0 and empty and not table.caption:
         table.caption = empty
-    console.print(table)
+    print_whole(console, keep_whole(table))
+
+
+def keep_whole(table: Table) -> Table:
+    """Never cut an id, a number, a status or a time: every one-line column (no_wrap, not cut
+    with an ellipsis) is at least as wide as its widest cell. On a terminal too narrow for them,
+    rich narrows the free-text columns, and the line wraps rather than showing a wrong value."""
+    from rich.cells import cell_len
+
+    for column in table.columns:
+        if column.no_wrap and column.overflow != "ellipsis":
+            widest = max((cell_len(getattr(cell, "plain", str(cell))) for cell in column._cells), default=0)
+            column.min_width = max(column.min_width or 0, widest)
+    return table
+
+
+def print_whole(console: Console, renderable: Any) -> None:
+    """Print a table no narrower than its columns' minimum widths, uncropped: on a terminal too
+    narrow for it the lines wrap there, rather than rich squeezing an id to nothing."""
+    from rich.segment import Segments
+    from rich.table import Table
+
+    if isinstance(renderable, Table):
+        # The columns' own minimums (keep_whole's), not rich's measure, which asks a whole word
+        # of every cell: a long user id would widen a table meant to cut it with an ellipsis.
+        needed = renderable._extra_width + sum(
+            (column.min_width or 1) + renderable._get_padding_width(index)
+            for index, column in enumerate(renderable.columns))
+        if needed > console.width:  # console.print(width=) only narrows: render at `needed` first
+            renderable = Segments(console.render(renderable, console.options.update_width(needed)))
+    console.print(renderable, crop=False)
 
 
 def _cell(value: Any) -> Any:

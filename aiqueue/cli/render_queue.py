@@ -3,7 +3,8 @@
 Each view is built as a list of rich renderables (so `--watch` redraws the same thing in a Live)
 and fits the console's width: one line per job at 80 columns, with long user ids and tool names
 cut with an ellipsis rather than wrapped, and the least needed columns dropped on narrower
-terminals (the provider task id first, then the waiting time). JSON never comes through here.
+terminals (the provider task id first, then the waiting time). Ids, numbers, statuses and times
+are never cut (render.keep_whole): on a very narrow terminal the line wraps instead. JSON never comes through here.
 """
 
 from __future__ import annotations
@@ -12,7 +13,17 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from aiqueue.cli.render import DASH, L, R, _plain, _since, _text, _when
+from aiqueue.cli.render import (
+    DASH,
+    L,
+    R,
+    _plain,
+    _since,
+    _text,
+    _when,
+    keep_whole,
+    print_whole,
+)
 from aiqueue.clock import SystemClock, format_duration
 
 if TYPE_CHECKING:
@@ -33,7 +44,7 @@ def _table(title: str | None, *columns: tuple[str, str]) -> Table:
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for header, kind in columns:
         # Only E columns may be narrowed to fit (their cells are one-line texts that end in an
-        # ellipsis); ids, statuses and times keep their width.
+        # ellipsis); ids, statuses and times keep their width (keep_whole, once the rows are in).
         table.add_column(header, justify="right" if kind == R else "left", no_wrap=kind != E,
                          overflow="ellipsis" if kind == E else "fold", min_width=4 if kind == E else None)
     return table
@@ -73,7 +84,7 @@ def status_view(status: QueueStatus, width: int, now: datetime | None = None) ->
         slots.add_row(*cells)
     if not status.running:
         slots.caption = "no job holds a slot"
-    views.append(slots)
+    views.append(keep_whole(slots))
 
     columns = [("position", R), ("job", R), ("user", E), ("tool", E)]
     if width >= TINY:
@@ -93,7 +104,7 @@ def status_view(status: QueueStatus, width: int, now: datetime | None = None) ->
         queue.caption = "nothing is queued"
     elif not status.paused and any(status.starts.get(j.id) is None for j in status.queued):
         queue.caption = "? = no completed run yet to estimate from"
-    views.append(queue)
+    views.append(keep_whole(queue))
     return views
 
 
@@ -123,7 +134,7 @@ def format_duration_window(seconds: float) -> str:
 
 def render_status(console: Console, status: QueueStatus, now: datetime | None = None) -> None:
     for view in status_view(status, console.width, now):
-        console.print(view)
+        print_whole(console, view)
 
 
 # --- one user -----------------------------------------------------------------------------------
@@ -159,7 +170,7 @@ def user_view(result: UserStatus, width: int) -> list[RenderableType]:
 
 def render_user_status(console: Console, result: UserStatus) -> None:
     for view in user_view(result, console.width):
-        console.print(view)
+        print_whole(console, view)
 
 
 # --- job listings -------------------------------------------------------------------------------
@@ -181,7 +192,7 @@ def jobs_table(jobs: Sequence[Job], width: int, title: str | None = "Jobs, newes
         table.add_row(*cells)
     if not jobs:
         table.caption = empty
-    return table
+    return keep_whole(table)
 
 
 def _job_detail(job: Job) -> str:
@@ -197,4 +208,4 @@ def _job_detail(job: Job) -> str:
 
 
 def render_job_list(console: Console, jobs: Sequence[Job]) -> None:
-    console.print(jobs_table(jobs, console.width))
+    print_whole(console, jobs_table(jobs, console.width))
