@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta, timezone
 from typing import Protocol
 
@@ -30,6 +31,9 @@ class FrozenClock:
         self._now += delta if isinstance(delta, timedelta) else timedelta(seconds=delta)
 
 
+MAX_DURATION_DAYS = 3650  # ten years: longer is a typo
+
+
 def parse_duration(text: str) -> timedelta:
     """'90s', '10m', '1h', '1h30m', '2d' or a bare number of seconds -> timedelta."""
     raw = text.strip().lower()
@@ -51,8 +55,12 @@ def parse_duration(text: str) -> timedelta:
                 raise ValueError(f"bad duration {text!r} (use e.g. 90s, 10m, 1h)") from None
         if number:
             raise ValueError(f"bad duration {text!r}: a number without a unit at the end")
-    if seconds <= 0 or seconds != seconds or seconds > 10 * 365 * 86400:
+    if math.isnan(seconds):
+        raise ValueError(f"bad duration {text!r} (use e.g. 90s, 10m, 1h)")
+    if seconds <= 0:
         raise ValueError(f"bad duration {text!r}: must be positive")
+    if seconds > MAX_DURATION_DAYS * 86400:  # also inf, and what timedelta() would overflow on
+        raise ValueError(f"bad duration {text!r}: too long (at most {MAX_DURATION_DAYS}d)")
     return timedelta(seconds=seconds)
 
 

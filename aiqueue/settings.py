@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiqueue.clock import parse_duration
-from aiqueue.errors import ConfigError
+from aiqueue.errors import ConfigError, ConflictError
 
 ENV_CONFIG = "AIQUEUE_CONFIG"
 ENV_DATABASE_URL = "AIQUEUE_DATABASE_URL"
@@ -692,7 +692,7 @@ def save_config(path: str | os.PathLike[str], data: dict[str, Any], *, force: bo
 
     target = _absolute(path)
     text = tomli_w.dumps(data).encode("utf-8")  # before touching the disk: bad data, no file
-    exists = ConfigError(
+    exists = ConflictError(  # a conflict with what is on disk, not an invalid config
         f"config {target}: already exists (use --force to overwrite)", path=str(target)
     )
     if target.exists() and not force:

@@ -24,7 +24,7 @@ def test_init_writes_a_private_starter_that_checks_clean(tmp_path: Path) -> None
     assert path == tmp_path / "aiqueue.toml"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     again = cli("config", "init", cwd=tmp_path)
-    assert again.returncode == 3 and "--force" in again.stderr and again.stdout == ""
+    assert again.returncode == 5 and "--force" in again.stderr and again.stdout == ""
     assert cli("config", "init", "--force", cwd=tmp_path).returncode == 0
     checked = cli("config", "check", "--json", cwd=tmp_path)
     assert checked.returncode == 0

@@ -102,6 +102,32 @@ def test_narrow_terminals_never_show_a_wrong_number(cli: Any, monkeypatch: pytes
     assert "13" in ledger.stdout.split()  # the charge's job id
 
 
+# --- 4. durations too long, --status naming nothing ----------------------------------------------
+
+
+def test_duration_overflow_says_too_long_and_empty_status_is_refused(cli: Any) -> None:
+    long = cli("cleanup", "--older-than", "99999999999d")
+    assert long.code == 2 and "too long" in long.stderr and "positive" not in long.stderr
+    assert "too long" in cli("cleanup", "--older-than", "3651d").stderr
+    zero = cli("cleanup", "--older-than", "0s")
+    assert zero.code == 2 and "must be positive" in zero.stderr
+    assert cli("cleanup", "--older-than", "3650d", "--dry-run").code == 0  # ten years is still fine
+    for empty in ("", ",", " , "):
+        run = cli("jobs", "--status", empty)
+        assert run.code == 2 and run.stdout == "" and "names no status" in run.stderr, empty
+    assert cli("jobs", "--status", "queued,", "--json").code == 0  # a trailing comma still names one
+
+
+# --- 5. config init onto a file: a conflict -----------------------------------------------------
+
+
+def test_config_init_onto_an_existing_file_is_a_conflict(tmp_path: Path) -> None:
+    target = tmp_path / "aiqueue.toml"
+    assert run_cli("config", "init", str(target)).code == 0
+    again = run_cli("config", "init", str(target), "--json")
+    assert again.code == 5 and again.error()["code"] == "conflict" and "--force" in again.error()["message"]
+
+
 # --- 8. config check's plural, config show's doctor thresholds -----------------------------------
 
 

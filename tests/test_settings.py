@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from aiqueue.errors import ConfigError
+from aiqueue.errors import ConfigError, ConflictError
 from aiqueue.settings import (
     Settings,
     default_database_url,
@@ -591,7 +591,7 @@ def test_save_config_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     target.parent.mkdir()
     target.write_text("# keep me\n")
     target.chmod(0o644)
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ConflictError) as info:
         save_config(target, {"queue": {"max_concurrent": 2}})
     assert str(target) in str(info.value)
     assert target.read_text() == "# keep me\n"

@@ -120,6 +120,7 @@ def jobs(
     as_json = as_json or options_of(ctx).json
     if as_json and jsonl:
         raise UsageError("give --json (one list) or --jsonl (one object per line), not both")
+    statuses = params.status_filter(statuses)
     cutoff = _since(since)
     manager = manager_of(ctx)
     if jsonl:
@@ -127,11 +128,11 @@ def jobs(
         import sys
 
         out = sys.stdout
-        for job in manager.jobs(statuses or (), user, tool, cutoff, limit, stream=True):
+        for job in manager.jobs(statuses, user, tool, cutoff, limit, stream=True):
             out.write(json.dumps(job.to_dict()) + "\n")
         out.flush()
         return
-    found = list(manager.jobs(statuses or (), user, tool, cutoff, JOBS_ROWS if limit is None else limit))
+    found = list(manager.jobs(statuses, user, tool, cutoff, JOBS_ROWS if limit is None else limit))
     if as_json:
         render.write_json([job.to_dict() for job in found])
     else:

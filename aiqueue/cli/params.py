@@ -57,6 +57,16 @@ def duration(text: str | None, option: str) -> timedelta | None:
         raise UsageError(f"{option}: {exc}", value=text) from None
 
 
+def status_filter(values: list[str] | None) -> list[str]:
+    """--status values as given (the manager checks the names); one naming no status at all
+    ('' or ',') is a usage error, not "no filter"."""
+    for value in values or []:
+        if not any(part.strip() for part in value.split(",")):
+            raise UsageError(f"--status: {value!r} names no status (queued, starting, running, completed, "
+                             "failed, cancelled)", value=value)
+    return list(values or [])
+
+
 def webhook_body(source: str, max_bytes: int) -> bytes:
     """The raw bytes of FILE, or of stdin for '-'. Reads at most max_bytes + 1 so an oversized
     body is refused by the parser without being held whole in memory."""
