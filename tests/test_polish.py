@@ -128,6 +128,53 @@ def test_config_init_onto_an_existing_file_is_a_conflict(tmp_path: Path) -> None
     assert again.code == 5 and again.error()["code"] == "conflict" and "--force" in again.error()["message"]
 
 
+# --- 6. completion of --status and doctor --skip -------------------------------------------------
+
+
+def complete(*words: str) -> list[str]:
+    line = ["aiqueue", *words]
+    run = aiqueue(env={"_AIQUEUE_COMPLETE": "complete_bash", "COMP_WORDS": " ".join(line),
+                       "COMP_CWORD": str(len(line) - 1)}, capture_output=True)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.split()
+
+
+def test_status_and_skip_complete_their_values() -> None:
+    from aiqueue.cli.completions import STATUSES
+
+    assert STATUSES == tuple(s.value for s in Status)
+    assert complete("jobs", "--status", "") == list(STATUSES)
+    assert complete("jobs", "--status", "c") == ["completed", "cancelled"]
+    assert complete("jobs", "--status", "queued,r") == ["queued,running"]
+    assert complete("doctor", "--skip", "queue") == ["queue_age", "queue_depth"]
+
+
+# --- 7. help: flags take no value, arguments read as typed ---------------------------------------
+
+
+def leaves(command: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    subcommands = getattr(command, "commands", None)
+    if subcommands is None:
+        return [path]
+    return [p for name, sub in sorted(subcommands.items()) for p in leaves(sub, (*path, name))]
+
+
+def test_help_shows_flags_without_a_type_and_arguments_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "120")
+    paths = [(), ("db",), ("credits",), ("config",), *leaves(get_command(app))]
+    for path in paths:
+        run = run_cli(*path, "--help")
+        usage = next(line for line in run.stdout.splitlines() if "Usage:" in line)
+        assert run.code == 0 and "<bool>" not in run.stdout and "{" not in usage and "[[" not in usage, path
+    top = run_cli("--help").stdout
+    assert re.search(r"--json\s+Print the result as JSON", top) and "--quiet" in top
+    status = run_cli("status", "--help").stdout
+    assert re.search(r"--watch\s+Refresh live", status) and re.search(r"--limit\s+N \[1<=x<=1000000\]", status)
+    assert "Usage: aiqueue cancel [OPTIONS] JOB_ID" in run_cli("cancel", "--help").stdout
+    assert re.search(r"Usage: aiqueue config init \[OPTIONS\] \[PATH\]\s", run_cli("config", "init", "--help").stdout)
+    assert "status [OPTIONS] [JOB_ID]" in status
+
+
 # --- 8. config check's plural, config show's doctor thresholds -----------------------------------
 
 

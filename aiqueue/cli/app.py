@@ -106,7 +106,7 @@ def resume(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 @config_app.command("init")
 def config_init(
     ctx: typer.Context,
-    path: Annotated[Optional[Path], typer.Argument(metavar="[PATH]", show_default=False,
+    path: Annotated[Optional[Path], typer.Argument(metavar="PATH", show_default=False,
                                                    help="Where to write (default: --config, else ./aiqueue.toml).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
     as_json: JsonOpt = False,

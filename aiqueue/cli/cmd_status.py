@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from aiqueue.cli import params, render
+from aiqueue.cli import completions, params, render
 from aiqueue.cli.common import (
     JsonOpt,
     OptionalJobIdArg,
@@ -50,7 +50,7 @@ IntervalOpt = Annotated[float, typer.Option(
     "--interval", metavar="SECONDS", min=0.1, max=3600,
     help="--watch: seconds between refreshes without a change (SQLite polls at this pace).")]
 StatusFilterOpt = Annotated[list[str] | None, typer.Option(
-    "--status", metavar="STATUS[,STATUS]", show_default=False,
+    "--status", metavar="STATUS[,STATUS]", show_default=False, autocompletion=completions.complete_status,
     help="Only these statuses (repeatable or comma-separated): queued, starting, running, completed, "
          "failed, cancelled.")]
 JobsUserOpt = Annotated[str | None, typer.Option("--user", metavar="USER", help="Only this user's jobs.")]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperGroup
 
 from aiqueue.cli import completions, params, render, wiring
 from aiqueue.domain import ProcessResult
@@ -98,7 +98,43 @@ PANELS: dict[str, tuple[str, ...]] = {
 }
 
 
+class _UsageArgument(TyperArgument):
+    """An argument shown in the usage line as its metavar (`JOB_ID`, optional `[JOB_ID]`), without
+    the braces typer puts around a required one (`{JOB_ID}`, which reads like a set of choices)."""
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+        return name + ("..." if self.nargs != 1 else "")
+
+
+def plain_usage(command: Any) -> None:
+    """Help reads as the command line is typed, over the whole command tree: a flag shows no
+    value (typer 0.29 writes every bool option, --help too, as `--json <bool>`, as if it took
+    one), and an argument shows its metavar in the usage line. Done once, as the app is built."""
+    help_option = command.get_help_option(typer.Context(command))  # created once, then cached
+    _plain_params([*command.params, help_option])
+    for sub in getattr(command, "commands", {}).values():
+        plain_usage(sub)
+
+
+def _plain_params(params: list[Any]) -> list[Any]:
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""  # the help's type column then stays empty
+        if type(param) is TyperArgument:
+            param.__class__ = _UsageArgument  # only the usage line's rendering differs
+    return params
+
+
 class CommandGroup(TyperGroup):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        plain_usage(self)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        # typer adds --install-completion and --show-completion to the root after building it.
+        return _plain_params(super().get_params(ctx))
+
     def list_commands(self, ctx: Any) -> list[str]:
         order = [name for names in PANELS.values() for name in names]
         for panel, names in PANELS.items():

@@ -10,7 +10,8 @@ regenerate them with
     python -m aiqueue.cli.completions --check [DIR]  # exit 1 when a file is out of date
 
 tests/test_completions.py fails when they differ from what the installed Typer generates.
-Kept cheap to import: common.py uses complete_tool, so nothing heavy is imported at the top.
+Kept cheap to import: common.py and cmd_status.py use its callbacks, so nothing heavy is imported at
+the top.
 """
 
 from __future__ import annotations
@@ -47,6 +48,18 @@ def complete_tool(ctx: Any, incomplete: str) -> list[tuple[str, str]]:
         return []
     return [(name, f"{spec.cost} credits") for name, spec in sorted(tools.items())
             if name.startswith(incomplete)]
+
+
+STATUSES = ("queued", "starting", "running", "completed", "failed", "cancelled")  # domain.Status, unimported
+
+
+def complete_status(ctx: Any, incomplete: str) -> list[str]:
+    """`--status` values: the six statuses; after a comma, the ones not yet in the list, each
+    offered as the whole word typed so far (`queued,ru` -> `queued,running`)."""
+    head, _, last = incomplete.rpartition(",")
+    given = {part.strip() for part in head.split(",")} if head else set()
+    prefix = f"{head}," if head else ""
+    return [prefix + name for name in STATUSES if name.startswith(last.strip().lower()) and name not in given]
 
 
 def stale(directory: Path) -> list[str]:
