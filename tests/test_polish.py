@@ -190,3 +190,35 @@ def test_config_check_plural_and_show_lists_the_doctor_thresholds(tmp_path: Path
     rows = {line.split()[0]: line.split()[1:] for line in shown.splitlines() if line.strip().startswith("doctor.")}
     assert rows == {"doctor.queue_age_warning": ["1800s", "default"], "doctor.queue_age_critical": ["10800s", "file"],
                     "doctor.queue_depth_warning": ["7", "file"], "doctor.queue_depth_critical": ["10000", "default"]}
+
+
+# --- 9. an enqueue that could not reach RunningHub says so ---------------------------------------
+
+
+def test_enqueue_warns_when_runninghub_is_not_reached(db_url: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNNINGHUB_API_KEY", API_KEY)
+    config = str(write_config(tmp_path / "down.toml", "http://127.0.0.1:1"))
+
+    def run(*args: str) -> Run:
+        return run_cli("--config", config, "--db", db_url, *args)
+
+    assert run("db", "init").code == 0 and run("credits", "grant", "alice", "100").code == 0
+    enqueued = run("enqueue", "--user", "alice", "--tool", "upscale_image", *IMG)
+    assert enqueued.code == 0 and "queued at position 1" in enqueued.stdout
+    warning = [line for line in enqueued.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "RunningHub did not start" in warning[0] and "onnection" in warning[0]
+    assert "job 1 stays queued at position 1" in warning[0] and "aiqueue process-next" in warning[0]
+    assert run("credits", "grant", "bob", "100").code == 0
+    quiet = run("-q", "enqueue", "--user", "bob", "--tool", "upscale_image", *IMG, "--json")
+    assert quiet.code == 0 and json.loads(quiet.stdout)["job"]["status"] == "queued"
+    # The fill stops at the first job RunningHub did not take: bob's job 2 waits behind job 1.
+    assert "warning: RunningHub did not start" in quiet.stderr and "job 1 stays queued" in quiet.stderr
+    processed = run("-q", "process-next")
+    assert processed.code == 0 and "warning: RunningHub did not start" in processed.stderr
+    assert run("--json", "status").json()["queued_total"] == 2
+    from aiqueue.cli.common import requeued_warning
+
+    two = [SimpleNamespace(id=3, position=1, error="not started yet: busy"), SimpleNamespace(id=4, position=2, error=None)]
+    assert requeued_warning(two) == ("warning: RunningHub did not start a job (busy): jobs 3, 4 stay queued in their "
+                                     "places; `aiqueue process-next` retries")

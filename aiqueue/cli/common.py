@@ -213,8 +213,22 @@ def show(ctx: typer.Context, as_json: bool, result: render.Result, table: Callab
         render.note(f"warning: the queue is halted, jobs stay queued: {process.halted}")
         if isinstance(result, ProcessResult):  # process-next's whole point was the fill
             raise typer.Exit(ProviderError.exit_code)
+    elif process is not None and process.requeued:
+        # RunningHub unreachable or busy: the jobs are queued (that is the result, exit 0), but
+        # nothing started, which only `status` would otherwise tell. Said under --quiet too.
+        render.note(requeued_warning(process.requeued))
 
 
+def requeued_warning(jobs: list[Any]) -> str:
+    """One line for jobs a fill put back in their places because RunningHub was not reached or
+    busy: which jobs, why (the provider's answer, kept on the job), and what retries."""
+    first = jobs[0]
+    reason = (first.error or "no answer").removeprefix("not started yet: ")
+    if len(jobs) == 1:
+        where = f"job {first.id} stays queued at position {first.position}"
+    else:
+        where = f"jobs {', '.join(str(job.id) for job in jobs)} stay queued in their places"
+    return f"warning: RunningHub did not start a job ({reason}): {where}; `aiqueue process-next` retries"
 
 
 def worth_saying(result: Any) -> bool:
