@@ -222,3 +222,32 @@ def test_enqueue_warns_when_runninghub_is_not_reached(db_url: str, tmp_path: Pat
     two = [SimpleNamespace(id=3, position=1, error="not started yet: busy"), SimpleNamespace(id=4, position=2, error=None)]
     assert requeued_warning(two) == ("warning: RunningHub did not start a job (busy): jobs 3, 4 stay queued in their "
                                      "places; `aiqueue process-next` retries")
+
+
+# --- 10. the SQLite file is private; the demo's deleted database is null -------------------------
+
+
+def test_db_init_creates_the_sqlite_file_0600(tmp_path: Path) -> None:
+    db = tmp_path / "sub" / "q.db"
+    assert run_cli("--db", f"sqlite:///{db}", "db", "init").code == 0
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    assert run_cli("--db", f"sqlite:///{db}", "credits", "grant", "alice", "5").code == 0
+    import sqlite3
+
+    conn = sqlite3.connect(db)  # WAL (persistent in the file): a write while open keeps -wal/-shm
+    try:
+        conn.execute("CREATE TABLE probe (x)")
+        conn.commit()
+        for sidecar in (Path(f"{db}-wal"), Path(f"{db}-shm")):
+            assert stat.S_IMODE(sidecar.stat().st_mode) == 0o600, sidecar  # SQLite copies the file's mode
+    finally:
+        conn.close()
+    db.chmod(0o640)  # an existing database keeps the mode its owner chose
+    assert run_cli("--db", f"sqlite:///{db}", "db", "init").code == 0
+    assert stat.S_IMODE(db.stat().st_mode) == 0o640
+
+
+def test_demo_json_reports_no_deleted_database() -> None:
+    run = aiqueue("demo", "--json", capture_output=True)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["database"] is None

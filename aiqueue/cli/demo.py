@@ -163,7 +163,7 @@ def run_demo(directory: Path | None, as_json: bool) -> dict[str, Any]:
                 console.print("balances: " + ", ".join(f"{u} {b}" for u, b in balances.items()))
                 console.print(f"files kept in {workdir}" if directory else "")
             return {
-                "database": str(db_path),
+                "database": str(db_path) if directory is not None else None,  # else deleted below
                 "status": status.to_dict(),
                 "ledger": [e.to_dict() for e in ledger],
                 "balances": balances,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
@@ -86,6 +87,12 @@ class Store:
                 self._file.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise DatabaseError(f"cannot create {self._file.parent}: {exc.strerror}") from None
+            try:  # the ledger is private: 0600 before SQLite writes a byte (-wal/-shm copy it)
+                os.close(os.open(self._file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass  # an existing database keeps the mode its owner gave it
+            except OSError as exc:
+                raise DatabaseError(f"cannot create {self._file}: {exc.strerror}") from None
             self._file = None
         created = self.run(create)
         if self.dialect == "postgresql":
