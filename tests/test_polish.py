@@ -251,3 +251,26 @@ def test_demo_json_reports_no_deleted_database() -> None:
     run = aiqueue("demo", "--json", capture_output=True)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["database"] is None
+
+
+# --- 11. a watch over a deleted SQLite file stops with exit 8 --------------------------------------
+
+
+def test_watch_stops_when_the_sqlite_file_is_deleted(tmp_path: Path) -> None:
+    db = tmp_path / "w.db"
+    assert run_cli("--db", f"sqlite:///{db}", "db", "init").code == 0
+    proc = subprocess.Popen([sys.executable, "-m", "aiqueue", "--db", f"sqlite:///{db}", "status", "--watch",
+                             "--json", "--interval", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["queued_total"] == 0  # watching
+        for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+            path.unlink(missing_ok=True)
+        _out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 8
+    assert json.loads(err)["error"]["message"] == f"database file {db} does not exist: run `aiqueue db init`"
+    one_shot = run_cli("--db", f"sqlite:///{db}", "status", "--json")
+    assert one_shot.code == 8 and one_shot.error()["message"] == json.loads(err)["error"]["message"]

@@ -165,6 +165,7 @@ def _watch(
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     listener = manager.listen()
+    snapshot = _while_file_exists(manager, snapshot)
     try:
         if as_json:
             _watch_json(listener, snapshot, interval)
@@ -218,6 +219,24 @@ def _reconnect(listener: Any, snapshot: Callable[[], Any], lost: Callable[[str],
             error = exc
         time.sleep(delay)
         delay = min(delay * 2, RECONNECT_MAX)
+
+
+def _while_file_exists(manager: QueueManager, snapshot: Callable[[], Any]) -> Callable[[], Any]:
+    """On SQLite, each refresh first checks that the database file is still there: an open
+    connection keeps reading a deleted file, so the watch would go on showing its last state.
+    A SchemaMissingError ends the watch (exit 8), as it ends a one-shot command."""
+    from aiqueue.store.engine import sqlite_file
+
+    path = sqlite_file(manager.store.url)
+    if path is None:
+        return snapshot
+
+    def checked() -> Any:
+        if not path.exists():  # the words of Store._check_file, which one-shot commands meet
+            raise SchemaMissingError(f"database file {path} does not exist: run `aiqueue db init`")
+        return snapshot()
+
+    return checked
 
 
 def _watch_json(listener: Any, snapshot: Callable[[], Any], interval: float) -> None:
