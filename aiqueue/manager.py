@@ -730,6 +730,9 @@ def _check_user(user: str) -> str:
         raise UsageError(f"user id is {len(user)} characters long; the limit is {MAX_USER_LENGTH}")
     if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs") for ch in user):
         raise UsageError("user id contains control or invisible characters")
+    normal = unicodedata.normalize("NFKC", user)
+    if normal != user:  # full-width 'Ｕｓｅｒ' would be a second 'User' that looks the same
+        raise UsageError(f"user id {user!r} is not NFKC-normalised: write it as {normal!r}", value=user)
     return user
 
 

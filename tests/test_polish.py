@@ -274,3 +274,15 @@ def test_watch_stops_when_the_sqlite_file_is_deleted(tmp_path: Path) -> None:
     assert json.loads(err)["error"]["message"] == f"database file {db} does not exist: run `aiqueue db init`"
     one_shot = run_cli("--db", f"sqlite:///{db}", "status", "--json")
     assert one_shot.code == 8 and one_shot.error()["message"] == json.loads(err)["error"]["message"]
+
+
+# --- user ids that only look alike ---------------------------------------------------------------
+
+
+def test_user_ids_must_be_nfkc(cli: Any) -> None:
+    refused = cli("credits", "grant", "\uff35\uff53\uff45\uff52", "10")  # full-width "User"
+    assert refused.code == 2 and refused.stdout == "" and "NFKC" in refused.stderr and "'User'" in refused.stderr
+    assert cli("credits", "ledger", "--json").json() == {"entries": []}  # nothing changed
+    assert cli("credits", "grant", "User", "10").code == 0
+    assert cli("credits", "grant", "café", "10").code == 0  # composed é is NFKC already
+    assert cli("credits", "grant", "cafe\u0301", "10").code == 2  # e + combining accent is not
