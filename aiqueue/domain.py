@@ -258,6 +258,7 @@ class ProcessResult:
     unknown: list[Job] = field(default_factory=list)  # outcome unknown: left starting for cleanup
     expired: list[Job] = field(default_factory=list)  # stale jobs ended first (opportunistic)
     halted: str | None = None  # why the fill stopped for every job (bad key, missing tool...)
+    finished: list[Job] = field(default_factory=list)  # no webhook configured: RunningHub, asked, had ended them
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -267,6 +268,7 @@ class ProcessResult:
             "failed": [j.to_dict() for j in self.failed],
             "unknown": [j.to_dict() for j in self.unknown],
             "expired": [j.to_dict() for j in self.expired],
+            "finished": [j.to_dict() for j in self.finished],
         }
 
 

@@ -2,7 +2,8 @@
 
 Exit codes (documented in the README):
   0 ok · 1 unexpected error · 2 usage / bad value · 3 config · 4 not found · 5 wrong state or
-  conflict · 6 insufficient credits · 7 provider · 8 database · 9 invalid webhook · 10 audit problems
+  conflict · 6 insufficient credits · 7 provider · 8 database · 9 invalid webhook · 10 audit problems ·
+  130 interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
@@ -119,6 +120,13 @@ class InvalidWebhookError(AiqueueError):
 
     exit_code = 9
     slug = "invalid_webhook"
+
+
+class Interrupted(AiqueueError):
+    """Interrupted (Ctrl-C)."""
+
+    exit_code = 130
+    slug = "interrupted"
 
 
 class AuditProblemsError(AiqueueError):

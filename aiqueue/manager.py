@@ -42,6 +42,8 @@ from aiqueue.errors import (
     ConflictError,
     InputError,
     InsufficientCreditsError,
+    Interrupted,
+    ProviderError,
     UnknownJobError,
     UnknownToolError,
     UsageError,
@@ -232,7 +234,32 @@ class QueueManager:
         """End stale jobs first (so a missing cron never blocks the queue), then fill every free
         slot in FIFO order."""
         expired = self._expire(self.settings.stale_after)
-        return replace(self._fill(), expired=expired.expired + expired.completed + expired.failed)
+        finished = self._poll() if self.settings.submit_webhook_url(0) is None else []
+        return replace(self._fill(), expired=expired.expired + expired.completed + expired.failed, finished=finished)
+
+    def _poll(self) -> list[Job]:
+        """Without a webhook URL, results come by asking: RunningHub is asked about each running
+        job's task, and an ended one ends here by the same path as its webhook. Doubt (pending,
+        unreachable, an account-level answer) leaves the job running."""
+        running = self.store.read(
+            lambda tx: [j for j in tx.holding_slots() if j.status is Status.RUNNING and j.provider_task_id])
+        ended: list[Job] = []
+        for job in running:
+            assert job.provider_task_id is not None
+            outcome = self._get_provider().outputs(job.provider_task_id)
+            if outcome.kind not in ("success", "failed"):
+                continue
+
+            def tx_fn(tx: Tx, job: Job = job, outcome: TaskOutcome = outcome) -> FinishResult | None:
+                current = tx.get_job(job.id)
+                if current is None or current.status is not Status.RUNNING:
+                    return None  # a webhook or a cleanup got there first
+                return self._apply(tx, current, outcome, "poll", strict=False)
+
+            result = self.store.run(tx_fn)
+            if result is not None and result.changed and result.job is not None:
+                ended.append(result.job)
+        return ended
 
     # --- ending jobs ----------------------------------------------------------------------
 
@@ -288,16 +315,27 @@ class QueueManager:
             if job is None and job_hint is not None:
                 job = self._adopt_task(tx, job_hint, event.task_id)
             if job is None:
-                return FinishResult(
-                    job=None, changed=False,
-                    message=f"no job has provider task {event.task_id} yet; kept as unmatched webhook {inbox_id}",
-                )
+                message = f"no job has provider task {event.task_id} yet; kept as unmatched webhook {inbox_id}"
+                hinted = self._ended_without_task(tx, job_hint)
+                if hinted is not None:
+                    # Its submit's answer never came and it was ended (cleanup, a forced cancel)
+                    # before RunningHub's result: terminal jobs never change; say where it went.
+                    message = (f"job {hinted.id} (named by the webhook URL) had already ended {hinted.status} "
+                               f"before RunningHub's {event.outcome.kind} result for task {event.task_id} came: "
+                               f"not applied, kept as unmatched webhook {inbox_id}")
+                return FinishResult(job=None, changed=False, message=message)
             result = self._apply(tx, job, event.outcome, "webhook", strict=False)
             tx.mark_webhook(inbox_id, job.id, result.message or f"job {job.id} {result.job.status}", now)
             return result
 
         result = self.store.run(tx_fn)
         return self._after(result) if fill else result
+
+    def _ended_without_task(self, tx: Tx, job_id: int | None) -> Job | None:
+        if isinstance(job_id, bool) or not isinstance(job_id, int) or not 1 <= job_id < 2**63:
+            return None
+        job = tx.get_job(job_id)
+        return job if job is not None and job.status in TERMINAL and job.provider_task_id is None else None
 
     def _adopt_task(self, tx: Tx, job_id: int, task_id: str) -> Job | None:
         if isinstance(job_id, bool) or not isinstance(job_id, int) or not 1 <= job_id < 2**63:
@@ -317,9 +355,13 @@ class QueueManager:
         rows = self.store.read(lambda tx: tx.unapplied_webhooks())
         return [UnmatchedWebhook(id=r.id, task_id=r.task_id, received_at=r.received_at, body=r.body) for r in rows]
 
-    def cancel(self, job_id: int, reason: str | None = None) -> FinishResult:
+    def cancel(self, job_id: int, reason: str | None = None, *, force: bool = False) -> FinishResult:
         """Cancel a queued, starting or running job (a running one at the provider too) and
-        refund it."""
+        refund it. A running job whose cancel RunningHub does not confirm keeps its slot (it may
+        still run and be billed): the answer is a ProviderError, unless the task had already
+        ended there (then the job ends as it did). A job sent to RunningHub whose answer never
+        came is refused too (RunningHub may be running it; its webhook or cleanup settles it).
+        With force, both end here anyway, refunded, and the history says so."""
         job_id = _check_job_id(job_id)
         reason = _check_text(reason, "reason")
         note = reason.strip() if reason and reason.strip() else "cancelled by operator"
@@ -328,9 +370,32 @@ class QueueManager:
             job = self._job(job_id)
             if job.status in TERMINAL:
                 return self._already(job, Status.CANCELLED, strict=True)
+            if job.status is Status.STARTING and self._outcome_unknown(job):
+                if not force:
+                    raise ConflictError(
+                        f"job {job_id} was sent to RunningHub and its answer never came "
+                        f"({job.error or 'the submitting process stopped'}): RunningHub may be running it. "
+                        f"Its webhook settles it, or cleanup after {format_duration(self.settings.stale_after)}; "
+                        "`cancel --force` ends it here now (refunded; a task there may still run and be billed)",
+                        job_id=job_id,
+                    )
+                provider_note = provider_note or "forced: the submit's outcome was unknown"
             if job.status is Status.RUNNING and provider_note is None and job.provider_task_id:
                 answer = self._get_provider().cancel(job.provider_task_id)
-                provider_note = "provider cancelled the task" if answer.ok else f"provider cancel: {answer.message}"
+                if answer.ok:
+                    provider_note = "provider cancelled the task"
+                elif force:
+                    provider_note = f"forced: provider cancel failed: {answer.message}"
+                else:
+                    ended = self._settle_at_provider(job)
+                    if ended is not None:
+                        return ended
+                    raise ProviderError(
+                        f"RunningHub did not confirm cancelling task {job.provider_task_id} of job {job_id}: "
+                        f"{answer.message}. The job keeps its slot and stays running; try again, or "
+                        "`cancel --force` to end it here (refunded; the task may still run and be billed)",
+                        job_id=job_id,
+                    )
             if job.status is Status.RUNNING and provider_note is None:
                 continue
             detail = note if provider_note is None else f"{note}; {provider_note}"
@@ -349,6 +414,27 @@ class QueueManager:
                     process=self._fill() if seen.status is not Status.QUEUED else ProcessResult(),
                 )
         raise ConflictError(f"job {job_id} kept changing while being cancelled; try again", job_id=job_id)
+
+    def _outcome_unknown(self, job: Job) -> bool:
+        """A starting job whose submit may have created a task: its outcome was recorded as
+        unknown, or it has been starting for longer than any submit can take (the submitting
+        process died)."""
+        if job.error and job.error.startswith("submit outcome unknown"):
+            return True
+        limit = timedelta(seconds=2 * self.settings.request_timeout + 5)
+        return job.started_at is not None and self.clock.now() - job.started_at > limit
+
+    def _settle_at_provider(self, job: Job) -> FinishResult | None:
+        """A cancel RunningHub refused: if the task has already ended there, end the job as it
+        did (the same path as its webhook); None when it is still running or cannot be asked."""
+        assert job.provider_task_id is not None
+        outcome = self._get_provider().outputs(job.provider_task_id)
+        if outcome.kind not in ("success", "failed"):
+            return None
+        result = self._finish(lambda tx: tx.get_job(job.id), outcome, source="provider (asked at cancel)",
+                              job_id=job.id)
+        ended = "completed" if outcome.kind == "success" else "failed"
+        return replace(result, message=f"not cancelled: the task had already {ended} at RunningHub")
 
     def cleanup(
         self, older_than: timedelta | None = None, *, dry_run: bool = False, progress: Progress | None = None
@@ -487,7 +573,17 @@ class QueueManager:
             if job is None:
                 break
             self.fault("fill:after-claim")
-            outcome = self._submit(job)
+            try:
+                outcome = self._submit(job)
+            except KeyboardInterrupt:
+                # Ctrl-C while RunningHub may be creating the task: say so on the job, as for
+                # any unknown outcome (never resubmitted; its webhook or cleanup settles it).
+                outcome = SubmitOutcome(kind="unknown", message="the submit was interrupted (Ctrl-C)")
+                self.store.run(lambda tx, job=job, outcome=outcome: self._record(tx, job, outcome))
+                raise Interrupted(
+                    f"interrupted while sending job {job.id} to RunningHub: its outcome is unknown (it keeps its "
+                    f"slot; its webhook or cleanup settles it); see `aiqueue status {job.id}`", job_id=job.id,
+                ) from None
             if outcome.kind == "rejected" and (outcome.code in ACCOUNT_CODES or outcome.code is None):
                 # Not this job's fault: every job would get the same answer. Stop, keep places.
                 halted = outcome.message

@@ -212,7 +212,8 @@ def test_enqueue_starts_at_once_then_queues_with_exact_positions(cli: CLI, fake_
 
     # A full house: process-next has nothing to start.
     nothing = ok(cli("process-next", "--json"))
-    assert nothing == {"halted": None, "started": [], "requeued": [], "failed": [], "unknown": [], "expired": []}
+    assert nothing == {"halted": None, "started": [], "requeued": [], "failed": [], "unknown": [], "expired": [],
+                       "finished": []}
     assert len(fake_hub.tasks) == 3
 
 

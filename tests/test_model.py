@@ -54,6 +54,7 @@ from aiqueue.clock import FrozenClock
 from aiqueue.errors import (
     ActiveJobError,
     AiqueueError,
+    ConflictError,
     InsufficientCreditsError,
     UnknownJobError,
     WrongStateError,
@@ -325,6 +326,10 @@ class Model:
             if job.status == "cancelled":
                 return False
             raise WrongStateError("model: terminal jobs never change")
+        if job.status == "starting":
+            # Only a submit whose answer never came leaves a job starting between steps: RunningHub
+            # may be running it, so a plain cancel is refused (its webhook or cleanup settles it).
+            raise ConflictError("model: the submit's outcome is unknown")
         if job.status == "running":
             assert job.task_id is not None
             if self.tasks[job.task_id] == "pending":

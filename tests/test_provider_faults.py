@@ -24,6 +24,7 @@ import pytest
 
 from aiqueue.clock import FrozenClock
 from aiqueue.domain import Status
+from aiqueue.errors import ProviderError
 from aiqueue.provider.runninghub import RUN_PATH, RunningHubClient
 from tests.cli_helpers import Run, run_cli
 from tests.conftest import API_KEY, write_config
@@ -167,12 +168,17 @@ def test_provider_down_during_cancel_and_cleanup(quick: Any, fake_hub: Any, cloc
     assert [j.status for j in running] == [Status.RUNNING] * 3 and queued.status is Status.QUEUED
     fake_hub.stop()
 
-    # Cancel: ended and refunded here; the note says the provider could not be told.
-    cancelled = quick.cancel(running[0].id, reason="user asked")
+    # Cancel: refused while RunningHub cannot confirm it (the task may run on and be billed):
+    # the job keeps its slot, nothing is refunded. Forced, it ends here and the history says so.
+    with pytest.raises(ProviderError, match="did not confirm cancelling"):
+        quick.cancel(running[0].id, reason="user asked")
+    assert quick.job_detail(running[0].id).job.status is Status.RUNNING
+    assert quick.balance("a").balance == 95
+    cancelled = quick.cancel(running[0].id, reason="user asked", force=True)
     assert cancelled.job.status is Status.CANCELLED and cancelled.refunded == 5
-    assert cancelled.message and cancelled.message.startswith("provider cancel: connection failed")
+    assert cancelled.message and cancelled.message.startswith("forced: provider cancel failed: connection failed")
     event = quick.job_detail(running[0].id).events[-1]
-    assert event.detail.startswith("user asked; provider cancel: connection failed")
+    assert event.detail.startswith("user asked; forced: provider cancel failed: connection failed")
     # The freed slot went to d, whose submit was not sent: back in the queue, still charged.
     assert [j.id for j in cancelled.process.requeued] == [queued.id]
     assert quick.job_detail(queued.id).job.status is Status.QUEUED
@@ -343,18 +349,24 @@ def test_cli_with_the_provider_stopped(cli: Any, fake_hub: Any, db_url: str) -> 
                      "--json"))["job"]
     assert running["status"] == "running"
     fake_hub.stop()
-    queued = ok(cli("enqueue", "--user", "bob", "--tool", "upscale_image", "--input", "image=bob.png", "--json"))
+    warned = cli("enqueue", "--user", "bob", "--tool", "upscale_image", "--input", "image=bob.png", "--json")
+    assert warned.code == 0 and warned.stderr.startswith("warning: RunningHub did not start a job (connection failed")
+    assert "stays queued at position 1" in warned.stderr and warned.stderr.count("\n") == 1
+    queued = json.loads(warned.stdout)
     assert queued["job"]["status"] == "queued" and queued["job"]["position"] == 1
     assert [j["id"] for j in queued["process"]["requeued"]] == [queued["job"]["id"]]
-    again = ok(cli("process-next", "--json"))
+    retried = cli("process-next", "--json")
+    assert retried.code == 0 and "stays queued at position 1" in retried.stderr
+    again = json.loads(retried.stdout)
     assert [j["id"] for j in again["requeued"]] == [queued["job"]["id"]]
     events = ok(cli("status", str(queued["job"]["id"]), "--json"))["events"]
     assert any("provider busy: connection failed" in (e["detail"] or "") for e in events)
     assert ok(cli("credits", "balance", "bob", "--json"))["balance"] == 95
 
     _backdate(db_url, running["id"], minutes=11)
-    cleaned = ok(cli("cleanup", "--json"))
-    [ended] = cleaned["expired"]
+    swept = cli("cleanup", "--json")  # frees alice's slot; bob's submit cannot be sent either
+    assert swept.code == 0 and "job 2 stays queued" in swept.stderr
+    [ended] = json.loads(swept.stdout)["expired"]
     assert ended["id"] == running["id"] and "unreachable: connection failed" in ended["error"]
     assert ok(cli("credits", "balance", "alice", "--json"))["balance"] == 100
     cancelled = ok(cli("cancel", str(queued["job"]["id"]), "--json"))

@@ -414,7 +414,7 @@ class Scene:
         """End whatever is still active (cancel refunds it), check, and start the next round."""
         status = self.manager.status()
         for job in status.running + status.queued:
-            self.manager.cancel(job.id, reason="end of round")
+            self.manager.cancel(job.id, reason="end of round", force=True)
         self.check()
         self.round += 1
 

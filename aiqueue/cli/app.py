@@ -176,12 +176,21 @@ def finish(
 
 
 @app.command()
-def cancel(ctx: typer.Context, job_id: JobIdArg, reason: ReasonOpt = None, as_json: JsonOpt = False) -> None:
+def cancel(
+    ctx: typer.Context, job_id: JobIdArg, reason: ReasonOpt = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="End it here even when RunningHub did not confirm the cancel or never answered "
+        "the submit (refunded; a task there may still run and be billed).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
     """Cancel a queued, starting or running job (at the provider too) and refund it.
+
+    A running job whose cancel RunningHub does not confirm keeps its slot (exit 7), unless its
+    task had already ended there: then it ends as the task did.
 
     Example: aiqueue cancel 42 --reason "asked by the user"
     """
-    show(ctx, as_json, manager_of(ctx).cancel(job_id, reason), render.render_finish)
+    show(ctx, as_json, manager_of(ctx).cancel(job_id, reason, force=force), render.render_finish)
 
 
 @app.command()
@@ -284,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     as_json, debug = "--json" in options, "--debug" in options
     try:
         code = get_command(app).main(args=args, prog_name="aiqueue", standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into a silent Exit(130); no command exits 130 itself
+            raise KeyboardInterrupt
         raise SystemExit(code if isinstance(code, int) else 0)
     except AiqueueError as err:
         _fail(err, as_json)

@@ -238,7 +238,7 @@ def worth_saying(result: Any) -> bool:
         return True
     if isinstance(result, ProcessResult):
         return bool(result.started or result.requeued or result.failed or result.unknown or result.expired
-                    or result.halted)
+                    or result.finished or result.halted)
     lists = ("expired", "completed", "failed", "stale", "problems", "fixed", "would_fix")
     if any(getattr(result, name, None) for name in lists):
         return True

@@ -375,6 +375,7 @@ def _problems(console: Console, title: str, problems: Sequence[AuditProblem]) ->
 def _process_rows(result: ProcessResult) -> list[tuple[str, Job]]:
     return ([("expired", j) for j in result.expired] + [("started", j) for j in result.started]
             + [("requeued", j) for j in result.requeued] + [("failed", j) for j in result.failed]
+            + [(f"polled: {j.status}", j) for j in result.finished]
             + [("unknown", j) for j in result.unknown])
 
 
