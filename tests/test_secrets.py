@@ -372,3 +372,29 @@ def test_private_configs_and_configs_without_the_key_are_accepted(
     refused = run_cli("--config", str(link), "--db", db_url, "status")
     assert refused.code == 3 and "readable by others" in refused.stderr
     assert_quiet([refused])
+
+
+@pytest.mark.parametrize("base_url, verified", [("https://www.runninghub.ai", True), ("http://127.0.0.1:8765", False)])
+def test_tls_is_verified_for_https_and_not_built_for_plain_http(
+    base_url: str, verified: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import httpx
+
+    from aiqueue.cli.wiring import LazyRunningHub
+    from aiqueue.settings import load_settings
+
+    seen: list[Any] = []
+
+    class Recording(httpx.Client):
+        def __init__(self, **kwargs: Any) -> None:
+            seen.append(kwargs.get("verify", True))
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(httpx, "Client", Recording)
+    config = tmp_path / "tls.toml"
+    config.write_text(f'[provider]\nbase_url = "{base_url}"\n', encoding="utf-8")
+    settings = load_settings(config, env={"RUNNINGHUB_API_KEY": "k0123456789abcdef0123456789abcdef"})
+    lazy = LazyRunningHub(settings)
+    lazy()
+    lazy.close()
+    assert seen == [verified]

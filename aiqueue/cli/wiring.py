@@ -49,7 +49,11 @@ class LazyRunningHub:
             from aiqueue.provider.runninghub import RunningHubClient
 
             timeout = self._settings.request_timeout
-            self._http = httpx.Client(timeout=timeout)
+            # A plain-HTTP base URL (a rehearsal against the fake) has no TLS to verify: skip
+            # building the certificate store (20-50 ms of every command that submits). https://
+            # (RunningHub itself) always verifies; the client follows no redirects.
+            tls = self._settings.base_url.lower().startswith("https://")
+            self._http = httpx.Client(timeout=timeout, verify=True if tls else False)
             self._client = RunningHubClient(
                 self._settings.base_url, self._settings.api_key, http=self._http, timeout=timeout,
                 secrets=[self._settings.webhook_token] if self._settings.webhook_token else [],
