@@ -6,8 +6,8 @@ For each command it measures, in the same run and interleaved round by round (so
 drift hits every line alike), the median wall time of:
 - `python -c pass` and `python -c "import typer"` (the floor of any Python CLI),
 - `python -c "import typer, sqlmodel, <dialect>"`: what a command that reads or writes the
-  database truly needs (the tables are SQLModel classes; the dialect is SQLAlchemy's sqlite
-  dialect over the stdlib sqlite3, or its psycopg dialect over psycopg), plus httpx for
+  database truly needs (the tables are SQLModel classes; SQLAlchemy's sqlite dialect and the
+  stdlib sqlite3, or its psycopg dialect and psycopg itself), plus httpx for
   `finish`, which starts the next queued job at RunningHub,
 - the real console script: `aiqueue status --json`, `aiqueue enqueue --no-start`,
   `aiqueue finish --webhook FILE`, `aiqueue --help`.
@@ -102,7 +102,9 @@ def run(rounds: int, db_url: str | None) -> dict[str, Any]:
 
     script = _console_script()
     py = sys.executable
-    dialect = "sqlalchemy.dialects.sqlite" if db_url is None else "sqlalchemy.dialects.postgresql.psycopg"
+    # SQLAlchemy imports the driver itself only when it first connects: name it too.
+    dialect = ("sqlalchemy.dialects.sqlite, sqlite3" if db_url is None
+               else "sqlalchemy.dialects.postgresql.psycopg, psycopg")
     needs_db = f"import typer, sqlmodel, {dialect}"
     needs_http = f"{needs_db}, httpx"
     workdir = Path(tempfile.mkdtemp(prefix="aiqueue-startup-"))
