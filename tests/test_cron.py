@@ -16,15 +16,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import update
 
 from tests.cli_helpers import Run, run_cli
 from tests.conftest import API_KEY
+from tests.test_cli import _start_in_the_past as start_in_the_past
 from tests.test_tampering import dump, named, sql
 
 CLI = Callable[..., Run]
@@ -39,18 +38,6 @@ def cli(db_url: str, config_file: Path, monkeypatch: pytest.MonkeyPatch) -> CLI:
 
     assert run("db", "init").code == 0
     return run
-
-
-def start_in_the_past(db_url: str, job_id: int, minutes: int) -> None:
-    from aiqueue.store import Store
-    from aiqueue.store.tables import jobs
-
-    store = Store(db_url)
-    past = datetime.now(timezone.utc) - timedelta(minutes=minutes)
-    try:
-        store.run(lambda tx: tx.conn.execute(update(jobs).where(jobs.c.id == job_id).values(started_at=past)))
-    finally:
-        store.dispose()
 
 
 def test_quiet_says_nothing_when_nothing_changed(cli: CLI) -> None:

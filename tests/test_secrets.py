@@ -192,7 +192,8 @@ def test_no_command_prints_a_secret(
     queued = cli("enqueue", "--user", "erin", "--tool", "upscale_image", "--input", "image=e.png", "--json")
     assert queued.json()["job"]["status"] == "queued"
     cli("--debug", "process-next")
-    cli("--debug", "cancel", str(unknown.json()["job"]["id"]))
+    cli("--debug", "cancel", str(unknown.json()["job"]["id"]), code=5)  # outcome unknown: refused...
+    cli("--debug", "cancel", str(unknown.json()["job"]["id"]), "--force")  # ...unless forced
     cli("--debug", "cleanup", "--older-than", "1s", "--json")
 
     assert len(runs) > 60
