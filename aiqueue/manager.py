@@ -359,8 +359,8 @@ class QueueManager:
         """Cancel a queued, starting or running job (a running one at the provider too) and
         refund it. A running job whose cancel RunningHub does not confirm keeps its slot (it may
         still run and be billed): the answer is a ProviderError, unless the task had already
-        ended there (then the job ends as it did). A job sent to RunningHub whose answer never
-        came is refused too (RunningHub may be running it; its webhook or cleanup settles it).
+        ended there (then the job ends as it did). A starting job (being sent, or sent with no
+        answer) is refused too: RunningHub may be running it; its webhook or cleanup settles it.
         With force, both end here anyway, refunded, and the history says so."""
         job_id = _check_job_id(job_id)
         reason = _check_text(reason, "reason")
@@ -370,16 +370,20 @@ class QueueManager:
             job = self._job(job_id)
             if job.status in TERMINAL:
                 return self._already(job, Status.CANCELLED, strict=True)
-            if job.status is Status.STARTING and self._outcome_unknown(job):
+            if job.status is Status.STARTING:
+                # Being sent, or sent with no answer: RunningHub may be creating (and billing) a
+                # task whose id we do not have, so nothing here could cancel it there.
                 if not force:
+                    why = job.error or "it is being sent right now"
                     raise ConflictError(
-                        f"job {job_id} was sent to RunningHub and its answer never came "
-                        f"({job.error or 'the submitting process stopped'}): RunningHub may be running it. "
-                        f"Its webhook settles it, or cleanup after {format_duration(self.settings.stale_after)}; "
-                        "`cancel --force` ends it here now (refunded; a task there may still run and be billed)",
+                        f"job {job_id} is starting ({why}): RunningHub may be running it, and it cannot be "
+                        "cancelled there before its task id is known. Cancel it once it runs; an unanswered "
+                        f"submit is settled by its webhook or by cleanup after "
+                        f"{format_duration(self.settings.stale_after)}; `cancel --force` ends it here now "
+                        "(refunded; a task there may still run and be billed)",
                         job_id=job_id,
                     )
-                provider_note = provider_note or "forced: the submit's outcome was unknown"
+                provider_note = provider_note or "forced: the job was starting, its submit's outcome unknown"
             if job.status is Status.RUNNING and provider_note is None and job.provider_task_id:
                 answer = self._get_provider().cancel(job.provider_task_id)
                 if answer.ok:
@@ -414,15 +418,6 @@ class QueueManager:
                     process=self._fill() if seen.status is not Status.QUEUED else ProcessResult(),
                 )
         raise ConflictError(f"job {job_id} kept changing while being cancelled; try again", job_id=job_id)
-
-    def _outcome_unknown(self, job: Job) -> bool:
-        """A starting job whose submit may have created a task: its outcome was recorded as
-        unknown, or it has been starting for longer than any submit can take (the submitting
-        process died)."""
-        if job.error and job.error.startswith("submit outcome unknown"):
-            return True
-        limit = timedelta(seconds=2 * self.settings.request_timeout + 5)
-        return job.started_at is not None and self.clock.now() - job.started_at > limit
 
     def _settle_at_provider(self, job: Job) -> FinishResult | None:
         """A cancel RunningHub refused: if the task has already ended there, end the job as it

@@ -560,3 +560,32 @@ def test_sqlite_opposite_order_finishes_serialise(tmp_path: Path, fake_hub: Any,
     config = str(write_config(tmp_path / "cross.toml", fake_hub.base_url, max_concurrent=LIMIT))
     results = _cross_finish(url, config, pool, inside=False)
     assert sorted(r["attempts"] for r in results) == [1, 1] and all(r["errors"] == [] for r in results)
+
+
+def test_switching_a_fresh_file_to_wal_waits_for_a_writer(tmp_path: Path) -> None:
+    """SQLite answers 'database is locked' at once, without its busy handler, to the WAL switch of
+    a fresh (rollback-journal) file while another connection is writing it: the store waits and
+    retries (found when two `db upgrade` raced on a new file under load)."""
+    import sqlite3
+    import threading
+    import time
+
+    from aiqueue.store import Store
+
+    path = tmp_path / "fresh.db"
+    path.touch()
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("CREATE TABLE t (x INTEGER)")
+    release = threading.Timer(0.5, lambda: writer.execute("COMMIT"))
+    release.start()
+    store = Store(f"sqlite:///{path}", busy_timeout=10)
+    try:
+        started = time.monotonic()
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert time.monotonic() - started >= 0.3  # it waited for the writer, it did not fail
+    finally:
+        release.join()
+        store.dispose()
+        writer.close()

@@ -54,6 +54,23 @@ def sqlite_file(url: str) -> Path | None:
     return Path(database).expanduser()
 
 
+def _pragma(cursor: Any, pragma: str, busy_timeout: float) -> None:
+    """Switching a new (still rollback-journal) file to WAL needs it to itself, and SQLite answers
+    "database is locked" at once, without its busy handler, while another process is in a
+    transaction on it (two `db upgrade` on a fresh file): wait and retry, up to the busy timeout."""
+    import sqlite3
+
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            cursor.execute(pragma)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(random.uniform(0.01, 0.05))
+
+
 def _setup_sqlite(engine: Engine, busy_timeout: float) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -61,9 +78,9 @@ def _setup_sqlite(engine: Engine, busy_timeout: float) -> None:
         # read-then-write transaction race or fail with SQLITE_BUSY_SNAPSHOT).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        for pragma in SQLITE_PRAGMAS:
-            cursor.execute(pragma)
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        for pragma in SQLITE_PRAGMAS:
+            _pragma(cursor, pragma, busy_timeout)
         cursor.close()
 
     @event.listens_for(engine, "begin")
