@@ -55,7 +55,8 @@ REFUSALS: dict[int, tuple[set[str], re.Pattern[str]]] = {
     4: ({"unknown_job", "not_found"}, re.compile(r"^no job with id \d+$")),
     5: ({"active_job", "wrong_state", "conflict"}, re.compile(
         r"already has an active job|is already (completed|failed|cancelled)"
-        r"|is queued and was never started|kept changing")),
+        r"|is queued and was never started|kept changing"
+        r"|is starting \(.*\): RunningHub may be running it")),  # a cancel waits for the task id
     6: ({"insufficient_credits"}, re.compile(r"has \d+ credits; \w+ costs \d+")),
 }
 

@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from aiqueue.domain import Status
 from aiqueue.errors import (
     ActiveJobError,
+    ConflictError,
     InputError,
     InsufficientCreditsError,
     InvalidWebhookError,
@@ -484,7 +485,9 @@ def test_cancel_while_submitting_cancels_the_accepted_task(make_manager: Any, fa
     deadline = time.time() + 5
     while operator.job_detail(job.id).job.status is not Status.STARTING and time.time() < deadline:
         time.sleep(0.01)
-    cancelled = operator.cancel(job.id, reason="too slow")
+    with pytest.raises(ConflictError, match="being sent right now"):  # a plain cancel waits for the task id
+        operator.cancel(job.id, reason="too slow")
+    cancelled = operator.cancel(job.id, reason="too slow", force=True)
     thread.join()
     assert cancelled.changed and cancelled.refunded == 5
     assert result["fill"].started == []  # the late acceptance did not resurrect it

@@ -100,8 +100,8 @@ def _do_webhook(manager: Any, body: bytes) -> dict[str, Any]:
     return _finish_summary(manager.finish_webhook(body))
 
 
-def _do_cancel(manager: Any, job_id: int) -> dict[str, Any]:
-    return _finish_summary(manager.cancel(job_id, reason="race"))
+def _do_cancel(manager: Any, job_id: int, force: bool = False) -> dict[str, Any]:
+    return _finish_summary(manager.cancel(job_id, reason="race", force=force))
 
 
 def _do_process_next(manager: Any) -> dict[str, Any]:
@@ -483,15 +483,18 @@ def test_cleanup_races_a_webhook_the_provider_agrees_with(scene: Scene) -> None:
 
 def test_cancel_races_process_next_claiming_the_job(scene: Scene) -> None:
     """Either the job is cancelled while queued (never submitted), or it was submitted and then
-    cancelled, and then the provider task is cancelled too. Never running after cancelled."""
+    cancelled, and then the provider task is cancelled too. Never running after cancelled. The
+    cancel is forced: a plain one refuses a starting job (tests/test_cancel_safety.py); forced, it
+    ends it, and the submitter cancels the task RunningHub accepted meanwhile."""
     seen: Counter[str] = Counter()
     for order in ORDERS + ["during-submit"]:
         job = scene.queued_job("cp")
         image = job.inputs["image"]
-        calls = ordered(order, job.id, Call("cancel", (job.id,)), Call("process_next"), second_leaves=("running",))
+        calls = ordered(order, job.id, Call("cancel", (job.id, True)), Call("process_next"),
+                        second_leaves=("running",))
         if order == "during-submit":  # the submit takes a second (the client waits 2 s): cancel lands meanwhile
             scene.hub.script_submits(["delay:1"])
-            calls = (Call("cancel", (job.id,), after=(job.id, ("starting",))), Call("process_next"))
+            calls = (Call("cancel", (job.id, True), after=(job.id, ("starting",))), Call("process_next"))
         cancel, process = (r[0] for r in scene.race(*calls))
         cancelled, filled = ok(cancel), ok(process)
         detail = scene.job(job.id)
