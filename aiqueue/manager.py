@@ -332,13 +332,13 @@ class QueueManager:
         return self._after(result) if fill else result
 
     def _ended_without_task(self, tx: Tx, job_id: int | None) -> Job | None:
-        if isinstance(job_id, bool) or not isinstance(job_id, int) or not 1 <= job_id < 2**63:
+        if not _is_hint(job_id):
             return None
         job = tx.get_job(job_id)
         return job if job is not None and job.status in TERMINAL and job.provider_task_id is None else None
 
     def _adopt_task(self, tx: Tx, job_id: int, task_id: str) -> Job | None:
-        if isinstance(job_id, bool) or not isinstance(job_id, int) or not 1 <= job_id < 2**63:
+        if not _is_hint(job_id):
             return None  # only a hint: the webhook is kept all the same
         job = tx.get_job(job_id, for_update=True)
         if job is None or job.status is not Status.STARTING or job.provider_task_id is not None:
@@ -883,6 +883,11 @@ def _resolve_inputs(spec: ToolSpec, given: Mapping[str, str]) -> dict[str, str]:
         else:
             raise InputError(f"tool {spec.name} needs input {name!r}: give --input {name}=VALUE", tool=spec.name)
     return resolved
+
+
+def _is_hint(job_id: Any) -> bool:
+    """A job id a webhook URL may carry (`?job=ID`): a plain positive 64-bit integer."""
+    return not isinstance(job_id, bool) and isinstance(job_id, int) and 1 <= job_id < 2**63
 
 
 Progress = Callable[[int, int], None]  # (done, total) of a long operation, for a progress bar

@@ -35,14 +35,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-TOOL_TOML = """
-[tools.upscale_image]
-webapp_id = "1990000000000000001"
-cost = 1
-[tools.upscale_image.inputs.image]
-node_id = "12"
-field = "image"
-"""
 
 
 def _console_script() -> str:
@@ -54,7 +46,8 @@ def _console_script() -> str:
 
 def _prepare(workdir: Path, db_url: str | None, rounds: int, base_url: str) -> tuple[Path, str, list[Path], Any]:
     """Config, schema, funded users, and one running job (with its webhook body) per round."""
-    from aiqueue.cli.wiring import manager_for, LazyRunningHub
+    from aiqueue.cli.demo import DEMO_TOOLS
+    from aiqueue.cli.wiring import LazyRunningHub, manager_for
     from aiqueue.settings import load_settings
 
     drop = None
@@ -78,7 +71,7 @@ def _prepare(workdir: Path, db_url: str | None, rounds: int, base_url: str) -> t
     config = workdir / "aiqueue.toml"
     config.write_text(
         f'[database]\nurl = "{db_url}"\n[queue]\nmax_concurrent = {rounds + 5}\n'
-        f'[provider]\nbase_url = "{base_url}"\n' + TOOL_TOML,
+        f'[provider]\nbase_url = "{base_url}"\n' + DEMO_TOOLS,
         encoding="utf-8",
     )
     os.environ["RUNNINGHUB_API_KEY"] = "startup-bench-key-0123456789abcdef"
@@ -114,8 +107,8 @@ def run(rounds: int, db_url: str | None) -> dict[str, Any]:
         config, _, jobs, drop = _prepare(workdir, db_url, rounds, hub.base_url)
         bodies = []
         for i, job in enumerate(jobs):
-            job_detail_task = _task_of(config, job.id)
-            body = hub.finish_task(job_detail_task, success=(i % 2 == 0), deliver=False)
+            assert job.provider_task_id is not None  # enqueue started it: running, task id stored
+            body = hub.finish_task(job.provider_task_id, success=(i % 2 == 0), deliver=False)
             path = workdir / f"webhook{i}.json"
             path.write_bytes(body)
             bodies.append(path)
@@ -163,18 +156,6 @@ def run(rounds: int, db_url: str | None) -> dict[str, Any]:
         "needs": needs,
         "help_ratio_to_import_typer": round(medians["aiqueue --help"] / medians["import typer"], 2),
     }
-
-
-def _task_of(config: Path, job_id: int) -> str:
-    from aiqueue.cli.wiring import build_manager
-
-    manager = build_manager(config)
-    try:
-        task = manager.job_detail(job_id).job.provider_task_id
-    finally:
-        manager.store.dispose()
-    assert task is not None
-    return task
 
 
 def main(argv: Sequence[str] | None = None) -> None:
