@@ -234,7 +234,7 @@ class QueueManager:
         """End stale jobs first (so a missing cron never blocks the queue), then fill every free
         slot in FIFO order."""
         expired = self._expire(self.settings.stale_after)
-        finished = self._poll() if self.settings.submit_webhook_url(0) is None else []
+        finished = [] if self.settings.receives_webhooks else self._poll()
         return replace(self._fill(), expired=expired.expired + expired.completed + expired.failed, finished=finished)
 
     def _poll(self) -> list[Job]:

@@ -125,6 +125,11 @@ class Settings:
             shown.append(f"{f.name}={text}")
         return f"Settings({', '.join(shown)})"
 
+    @property
+    def receives_webhooks(self) -> bool:
+        """Whether submits name a webhook URL (else results are fetched by asking RunningHub)."""
+        return bool(self.webhook_public_url and self.webhook_token) or self.webhook_url is not None
+
     def submit_webhook_url(self, job_id: int) -> str | None:
         """The webhookUrl a submit of this job sends: the receiver's URL with the token and the
         job id when [webhook] public_url is set, else [provider] webhook_url as it is (or None)."""
