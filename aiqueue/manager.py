@@ -383,7 +383,6 @@ class QueueManager:
                         "(refunded; a task there may still run and be billed)",
                         job_id=job_id,
                     )
-                provider_note = provider_note or "forced: the job was starting, its submit's outcome unknown"
             if job.status is Status.RUNNING and provider_note is None and job.provider_task_id:
                 answer = self._get_provider().cancel(job.provider_task_id)
                 if answer.ok:
@@ -402,7 +401,11 @@ class QueueManager:
                     )
             if job.status is Status.RUNNING and provider_note is None:
                 continue
-            detail = note if provider_note is None else f"{note}; {provider_note}"
+            # Said of this attempt only: a starting job that runs by the next attempt is then
+            # cancelled at RunningHub like any running one.
+            said = "forced: the job was starting, its submit's outcome unknown" if job.status is Status.STARTING \
+                else provider_note
+            detail = note if said is None else f"{note}; {said}"
             seen = job
 
             def tx_fn(tx: Tx) -> _Ended | Job | None:
@@ -414,7 +417,7 @@ class QueueManager:
             ended = self.store.run(tx_fn)
             if isinstance(ended, _Ended):
                 return FinishResult(
-                    job=ended.job, changed=True, refunded=ended.refunded, message=provider_note,
+                    job=ended.job, changed=True, refunded=ended.refunded, message=said,
                     process=self._fill() if seen.status is not Status.QUEUED else ProcessResult(),
                 )
         raise ConflictError(f"job {job_id} kept changing while being cancelled; try again", job_id=job_id)
